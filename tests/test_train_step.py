@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -179,8 +180,10 @@ def test_frozen_parameters_have_no_optimizer_state_and_do_not_move(single, batch
   frozen = {k for k in p0 if k.startswith(FROZEN)}
   assert len(frozen) == len(FROZEN)
   # No optimiser state: no leaf of the optimiser state belongs to a frozen parameter; every trainable one has some.
-  opt_paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(single.state.opt_state)]
-  with_state = {k for k in p0 if any(q.endswith("/" + k) for q in opt_paths)}
+  # The optimiser works on the parameters' leaf list: an optimiser leaf's last path key is its parameter's index.
+  names = [optim.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(single.state.params)]
+  with_state = {names[p[-1].idx] for p, _ in jax.tree_util.tree_leaves_with_path(single.state.opt_state)
+                if isinstance(p[-1], jax.tree_util.SequenceKey)}
   assert with_state == set(p0) - frozen
   all_trainable = optim.make_optimizer(dataclasses.replace(STAGE, trainable=".*"), single.state.params)
   full = sum(x.size for x in jax.tree.leaves(jax.eval_shape(all_trainable.init, single.state.params)))
@@ -235,3 +238,45 @@ def test_sharded_step_matches_single_device(single, batch):
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
   np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
   assert_same_updates(p_single, flat(s1.params), flat(s8.params))
+  # The optimiser state follows the parameters' shardings (left to XLA it came out replicated on every device).
+  params = jax.tree.leaves(sharded.state.params)
+  logical = jax.tree.leaves(nnx.get_partition_spec(sharded.state.params),
+                            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  views = optim.adafactor_views(sharded.state.params)
+  checked = 0
+  for path, x in jax.tree_util.tree_leaves_with_path(sharded.state.opt_state):
+    if not isinstance(path[-1], jax.tree_util.SequenceKey) or x.size == 1:
+      continue
+    i = path[-1].idx
+    spec = padded_spec(params[i])
+    # head_dim is never sharded, so the merged (heads, head_dim) axis is sharded as heads is.
+    assert all(s is None for s, n in zip(spec, logical[i]) if n == "head_dim")
+    spec = [s for s, n in zip(spec, logical[i]) if n != "head_dim"]
+    if x.shape != views[i][1]:  # a factored row or column moment: its parameter's spec less the reduced axis
+      d1, d0 = optim.factored_dims(views[i][1])
+      del spec[d0 if path[-2].name == "v_row" else d1]
+    assert padded_spec(x) == tuple(spec), (optim.path_str(path), x.sharding.spec, spec)
+    checked += 1
+  assert checked > 20
+
+
+def padded_spec(x) -> tuple:
+  return tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+
+
+def test_attention_kernels_are_factored_over_heads_times_head_dim():
+  """AdaFactor on a [d, heads, head_dim] kernel is AdaFactor on the [d, heads * head_dim] matrix it is."""
+  rng = np.random.default_rng(0)
+  d, h, hd = 128, 4, 32
+  kernel = nnx.Param(jnp.asarray(rng.normal(size=(d, h, hd)), jnp.float32),
+                     out_sharding=("embed", "heads", "head_dim"), eager_sharding=False)
+  params = nnx.State({"attn": {"q": kernel}})
+  grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+  tx = optim.make_optimizer(StageConfig(steps=10, learning_rate=1e-2, warmup_fraction=0.0, clip_norm=0.0), params)
+  state = tx.init(params)
+  assert sorted(x.shape for x in jax.tree.leaves(state) if x.size > 1) == [(d,), (h * hd,)]  # factored moments
+  updates, _ = tx.update(grads, state, params)
+  matrix = optax.adafactor(learning_rate=1e-2, multiply_by_parameter_scale=False)
+  w, g = kernel.get_value().reshape(d, h * hd), jax.tree.leaves(grads)[0].reshape(d, h * hd)
+  expected, _ = matrix.update(g, matrix.init(w), w)
+  np.testing.assert_allclose(jax.tree.leaves(updates)[0], expected.reshape(d, h, hd), rtol=1e-6)

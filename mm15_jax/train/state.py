@@ -11,6 +11,7 @@ from mm15_jax import sharding
 from mm15_jax.config import ModelConfig
 from mm15_jax.models import multimodal
 from mm15_jax.models.multimodal import MultimodalModel, param_shardings  # noqa: F401  (re-exported)
+from mm15_jax.train import optim
 from mm15_jax.train.step import TrainState
 
 
@@ -65,20 +66,51 @@ def init_params(cfg: ModelConfig, mesh: Mesh, seed: int):
   return nnx.split(multimodal.init_sharded(cfg, mesh, seed), nnx.Param, ...)
 
 
+def opt_state_shardings(tx: optax.GradientTransformation, params, mesh: Mesh):
+  """Shardings of `tx.init(params)` that follow the parameters: a full-shape moment takes its parameter's sharding,
+  a factored row/column moment takes it less the reduced axis, counters and placeholders are replicated.
+
+  Compiling init with these as out_shardings is what keeps AdaFactor's state sharded: left to propagation, XLA
+  replicated it on every device.
+  """
+  views = optim.adafactor_views(params)
+
+  def leaf_sharding(path, leaf):
+    index, field = path[-1], path[-2] if len(path) > 1 else None
+    if not isinstance(index, jax.tree_util.SequenceKey):
+      return replicated(mesh)
+    names, shape = views[index.idx]
+    field = getattr(field, "name", None)
+    if leaf.shape == shape:
+      return NamedSharding(mesh, sharding.logical_to_spec(names))
+    dims = optim.factored_dims(shape)
+    if field in ("v_row", "v_col") and dims is not None:
+      dropped = dims[1] if field == "v_row" else dims[0]
+      kept = tuple(n for i, n in enumerate(names) if i != dropped)
+      if leaf.shape == tuple(s for i, s in enumerate(shape) if i != dropped):
+        return NamedSharding(mesh, sharding.logical_to_spec(kept))
+      raise ValueError(f"optimiser state {optim.path_str(path)}: shape {leaf.shape} is not {shape} less axis "
+                       f"{dropped}; optax's AdaFactor state layout changed")
+    if leaf.size > 1:
+      raise ValueError(f"optimiser state {optim.path_str(path)} of shape {leaf.shape} follows no rule for a "
+                       f"parameter of shape {shape}")
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, jax.eval_shape(tx.init, params))
+
+
 def init_opt_state(tx: optax.GradientTransformation, params, mesh: Mesh):
-  """Optimiser state with shardings propagated from the parameters (factored moments follow their rows/cols)."""
+  """Optimiser state built in its shards (see opt_state_shardings)."""
   with sharding.use_mesh(mesh):
-    return jax.jit(tx.init)(params)
+    return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
 
 
 def abstract_train_state(params, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
   """The train state's shapes and shardings without computing it (abstract `params` with shardings): the target of
   a resume, so a restarted job never initialises weights it is about to overwrite."""
-  with sharding.use_mesh(mesh):
-    opt_shardings = jax.jit(tx.init).lower(params).compile().output_shardings
   step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
-  return TrainState(step=step, params=params,
-                    opt_state=sharded_abstract(jax.eval_shape(tx.init, params), opt_shardings))
+  opt_state = sharded_abstract(jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, mesh))
+  return TrainState(step=step, params=params, opt_state=opt_state)
 
 
 def new_train_state(params, tx, mesh: Mesh) -> TrainState:
