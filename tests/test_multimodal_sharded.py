@@ -1,6 +1,7 @@
 """Sharded initialisation and forward of the multimodal model on a 2x2x2 (data, fsdp, tensor) mesh."""
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -42,3 +43,11 @@ def test_sharded_init_and_forward_equal_unsharded():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
   for k in want_aux:
     np.testing.assert_allclose(float(got_aux[k]), float(want_aux[k]), rtol=1e-5)
+
+
+def test_indivisible_axis_names_the_parameter_and_mesh_key():
+  cfg = tiny_config()  # 2 key/value heads: a tensor axis of 4 cannot split them
+  mesh = sharding.make_mesh(MeshConfig(data=2, tensor=4))
+  abstract = nnx.state(nnx.eval_shape(lambda: mm.MultimodalModel(cfg, rngs=nnx.Rngs(0))))
+  with pytest.raises(ValueError, match=r"attn/k: axis 'kv_heads' of size 2 does not divide over mesh.tensor=4"):
+    mm.param_shardings(abstract, mesh)

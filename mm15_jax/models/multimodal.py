@@ -6,6 +6,8 @@ tile). The data pipeline puts exactly K placeholders per real tile, so padded ti
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -86,10 +88,23 @@ class MultimodalModel(nnx.Module):
 
 
 def param_shardings(abstract_state, mesh: Mesh):
-  """NamedShardings from the logical axis names of every variable in an (abstract) nnx.State."""
-  specs = nnx.get_partition_spec(abstract_state)
-  return jax.tree.map(lambda spec: NamedSharding(mesh, sharding.logical_to_spec(tuple(spec))), specs,
-                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  """NamedShardings from the logical axis names of every variable in an (abstract) nnx.State; an axis that does not
+  divide over its mesh axes is an error naming the parameter and the mesh config keys."""
+
+  def one(path, spec, x):
+    mesh_spec = sharding.logical_to_spec(tuple(spec))
+    for size, logical, axes in zip(x.shape, tuple(spec), mesh_spec):
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      ways = math.prod(mesh.shape[a] for a in axes)
+      if size % ways:
+        keys = ", ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+        name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+        raise ValueError(f"parameter {name}: axis {logical!r} of size {size} does not divide "
+                         f"over {keys}; choose mesh sizes that divide it")
+    return NamedSharding(mesh, mesh_spec)
+
+  return jax.tree_util.tree_map_with_path(one, nnx.get_partition_spec(abstract_state), abstract_state,
+                                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
 def init_sharded(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> MultimodalModel:
