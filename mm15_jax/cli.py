@@ -86,7 +86,7 @@ def cmd_aot(a):
   from mm15_jax.train import aot
   exp = load_experiment(a.config, a.arg, a.set)
   try:
-    aot.command(exp, a.stage.split(",") if a.stage else [], a.topology, a.num_slices)
+    aot.command(exp, a.stage.split(",") if a.stage else [], a.topology, a.num_slices, a.json)
   except (RuntimeError, ValueError) as e:
     raise SystemExit(f"mm15 aot: {e}") from e
 
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None):
   p.add_argument("--topology", default="cpu", help="TPU topology, e.g. v5p:4x4x4, v5e:4x4; cpu: local devices")
   p.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (sets mesh.dcn_data)")
   p.add_argument("--stage", default="", help="comma-separated stage names (default: all)")
+  p.add_argument("--json", default="", help="append each report to this file as a JSON line")
   p.set_defaults(fn=cmd_aot)
 
   p = sub.add_parser("eval", help="evaluate a checkpoint on benchmarks; `mm15 eval import` converts benchmarks")

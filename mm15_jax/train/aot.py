@@ -10,8 +10,10 @@ topologies need libtpu (`pip install 'jax[tpu]==<jax version>'`), which compiles
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +51,7 @@ class AotReport:
   hbm_bytes: int | None      # per device, None when unknown (CPU, an unlisted chip)
   flops: float               # per device per step (cost_analysis)
   scanned_layers: bool = False  # XLA's cost analysis counts a scanned (while-loop) layer stack once
+  compile_s: float = 0.0     # wall time of lower + compile on this host
 
   @property
   def fits(self) -> bool | None:
@@ -144,7 +147,9 @@ def compile_train_step(exp: Experiment, index: int, topology: str = "cpu", num_s
   shardings = state_lib.state_shardings(state)
   with sharding.use_mesh(mesh):
     jit_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+    start = time.perf_counter()
     compiled = jit_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
 
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -158,7 +163,8 @@ def compile_train_step(exp: Experiment, index: int, topology: str = "cpu", num_s
       params_bytes=per_device_bytes(state.params), opt_state_bytes=per_device_bytes(state.opt_state),
       batch_bytes=per_device_bytes(batch), temp_bytes=mem.temp_size_in_bytes,
       code_bytes=mem.generated_code_size_in_bytes, total_bytes=total, hbm_bytes=HBM_BYTES.get(kind),
-      flops=float((cost or {}).get("flops", float("nan"))), scanned_layers=model_cfg.scan_layers)
+      flops=float((cost or {}).get("flops", float("nan"))), scanned_layers=model_cfg.scan_layers,
+      compile_s=compile_s)
   return compiled, report
 
 
@@ -178,14 +184,17 @@ def format_report(r: AotReport) -> str:
       f"    generated code        {gib(r.code_bytes)}",
       f"    total                 {gib(r.total_bytes)}  of {hbm} HBM: {fits}",
       f"  FLOPs per step: {r.flops:.3e} per device, {r.flops * r.num_devices:.3e} in all",
+      f"  compiled in {r.compile_s:.0f} s",
   ]
   if r.scanned_layers:
     lines.append("    (XLA counts each scanned layer stack once: --set model.scan_layers=false for the full count)")
   return "\n".join(lines)
 
 
-def command(exp: Experiment, stages: list[str], topology: str, num_slices: int = 1, log=print) -> list[AotReport]:
-  """Compiles and reports every named stage (all when `stages` is empty)."""
+def command(exp: Experiment, stages: list[str], topology: str, num_slices: int = 1, json_path: str = "",
+            log=print) -> list[AotReport]:
+  """Compiles and reports every named stage (all when `stages` is empty); each report is appended to `json_path`
+  as one JSON line (with the experiment's name) when given."""
   names = [s.name for s in exp.stages]
   unknown = sorted(set(stages) - set(names))
   if unknown:
@@ -197,4 +206,7 @@ def command(exp: Experiment, stages: list[str], topology: str, num_slices: int =
     _, report = compile_train_step(exp, i, topology, num_slices)
     log(format_report(report))
     reports.append(report)
+    if json_path:
+      with open(json_path, "a") as f:
+        f.write(json.dumps({"experiment": exp.name, **dataclasses.asdict(report), "fits": report.fits}) + "\n")
   return reports
