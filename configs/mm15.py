@@ -16,6 +16,10 @@ from mm15_jax.config import DataConfig, Experiment, MeshConfig, SplitConfig, Sta
 from mm15_jax.configs import models
 from mm15_jax.data import mixture
 
+# Tile slots per 4096-token row in stages 2 and 3: as many as 144-token tiles fit (4096 // 144), so the token budget,
+# not the slots, closes a row (with 20 slots SFT rows ran out of slots at 0.69 of their tokens).
+TILE_SLOTS = 28
+
 
 def get_config(data_dir: str = "data", size: str = "3b") -> Experiment:
   tok = os.path.join(data_dir, "tokenizer.model")
@@ -30,11 +34,12 @@ def get_config(data_dir: str = "data", size: str = "3b") -> Experiment:
   ocr = StageConfig(
       name="ocr", image_size=672, steps=30_000, batch_size=256, learning_rate=1e-5, init_from="previous",
       checkpoint_every=1000,
-      data=data({s: 1.0 for s in mixture.STAGE2_SOURCES}, SplitConfig(mode="static", tile_size=672), 20,
+      data=data({s: 1.0 for s in mixture.STAGE2_SOURCES}, SplitConfig(mode="static", tile_size=672), TILE_SLOTS,
                 equal_sources=True))
   sft = StageConfig(
       name="sft", image_size=672, steps=23_000, batch_size=256, learning_rate=2e-5, init_from="previous",
       checkpoint_every=1000,
-      data=data(mixture.sft_mixture("all"), SplitConfig(mode="dynamic", tile_size=672, n_min=4, n_max=9), 20))
+      data=data(mixture.sft_mixture("all"), SplitConfig(mode="dynamic", tile_size=672, n_min=4, n_max=9),
+                TILE_SLOTS))
   return Experiment(name=f"mm15-{size}", model=models.get(size), stages=[pretrain, ocr, sft],
                     mesh=MeshConfig(data=-1, fsdp=1))

@@ -6,11 +6,16 @@ Data flow (everything before packing is a pure function of a "unit" index u, so 
          -> Sample (samples.make_sample), bad records skipped with a deterministic replacement
   MapDataset.range(...).map(_UnitMaker) -> to_iter_dataset -> [mp_prefetch] -> _PackedBatchIterator (main process)
 
-The packer fills the rows of a batch first-fit; a unit that fits nowhere waits in a small window and goes first into
-the next batch. The iterator state is (next unit, units waiting, counters, parent state): JSON-able, and restoring it
-(with the same seed) gives identical following batches. A unit is one sample (weighted mixing) or, with
-equal_sources, one sample of every source, placed atomically: every batch then holds exactly as many samples of
-each source.
+Packing is best-fit decreasing over a window of PACK_WINDOW pending units: the pending units are placed largest
+first, each sample into the row it leaves with the fewest free tokens; units that fit nowhere stay pending, new units
+are drawn to refill the window, and the batch is closed when none of PACK_WINDOW pending units fits any row. Units
+pending for more than MAX_WAIT draws go first, oldest first, so none waits for ever. A row is limited by its tokens
+(data.seq_len) and its image slots (data.max_images); where image slots bind first (a mixture with more than
+max_images * tokens_per_tile image tokens per seq_len) rows close with free tokens: the packer counts such rows and
+warns with the limit that lets tokens bind. The iterator state is (next unit, units pending, counters, parent
+state): JSON-able, and restoring it (with the same seed) gives identical following batches. A unit is one sample
+(weighted mixing) or, with equal_sources, one sample of every source, placed atomically: every batch then holds
+exactly as many samples of each source.
 """
 from __future__ import annotations
 
@@ -30,8 +35,10 @@ from mm15_jax.data.tokenizer import Tokenizer
 
 MIN_RECORDS_FOR_BAD_FRACTION = 100  # the bad-record limit applies after this many records
 MAX_BAD_IN_A_ROW = 32               # consecutive bad records of one draw that stop the run
-PACK_WINDOW = 16                    # units that may wait for a later batch when packing
+PACK_WINDOW = 32                    # pending units when packing: a batch closes when none of them fits
+MAX_WAIT = 8 * PACK_WINDOW          # a unit pending for more draws than this is placed first
 LOG_EVERY = 100                     # batches between packing-efficiency log lines
+IMAGE_BOUND_WARNING = 0.25          # share of image-bound rows above which the packer warns (once)
 _RETRY_STRIDE = 1 << 40             # replacement draws land in far-away (independently shuffled) epochs
 
 
@@ -104,6 +111,10 @@ class _UnitMaker:
       shuffle_seed = int(np.random.SeedSequence([seed, s]).generate_state(1)[0])
       self.index_streams.append(shard.shuffle(seed=shuffle_seed).repeat())
 
+  def records(self, u: int) -> list[tuple[str, int]]:
+    """(source, record index) of each sample of unit u, as first drawn (before any bad-record replacement)."""
+    return [(self.names[s], int(self.index_streams[s][position])) for s, position in self.sampler(int(u))]
+
   def __call__(self, u: int) -> dict[str, Any]:
     out = {"samples": [], "bad": [], "seen": 0}
     for s, position in self.sampler(int(u)):
@@ -126,7 +137,7 @@ class _UnitMaker:
 
 
 class _Rows:
-  """One batch under construction: first-fit placement of samples into rows."""
+  """One batch under construction: best-fit placement of samples into rows."""
 
   def __init__(self, batch_size: int, seq_len: int, max_images: int, tile_size: int, pack: bool, pad_id: int):
     b, t, n, s = batch_size, seq_len, max_images, tile_size
@@ -150,19 +161,27 @@ class _Rows:
     return bool(np.all(self.stat_samples > 0))
 
   def place(self, unit: dict) -> bool:
-    """Places all samples of the unit, or none (returns False)."""
+    """Places all samples of the unit, or none (returns False).
+
+    Packing: each sample goes to the row it leaves with the fewest free tokens (then image slots, then the lowest
+    row), which keeps the roomiest rows for larger samples. Without packing: the first empty row.
+    """
     used_t, used_i, taken = self.used_tokens.copy(), self.used_images.copy(), self.stat_samples > 0
     rows = []
     for ids, _, tiles, _ in unit["samples"]:
       length = len(ids) - 1
       if self.pack:
-        ok = (used_t + length <= self.seq_len) & (used_i + len(tiles) <= self.max_images)
+        free_t = self.seq_len - used_t - length
+        free_i = self.max_images - used_i - len(tiles)
+        candidates = np.flatnonzero((free_t >= 0) & (free_i >= 0))
+        if not len(candidates):
+          return False
+        r = int(candidates[np.lexsort((candidates, free_i[candidates], free_t[candidates]))[0]])
       else:
-        ok = ~taken
-      free = np.flatnonzero(ok)
-      if not len(free):
-        return False
-      r = int(free[0])
+        candidates = np.flatnonzero(~taken)
+        if not len(candidates):
+          return False
+        r = int(candidates[0])
       rows.append(r)
       used_t[r] += length
       used_i[r] += len(tiles)
@@ -171,6 +190,15 @@ class _Rows:
       self._write(r, ids, loss_mask, tiles, source_id)
     self.stat_bad_records[rows[0]] += len(unit["bad"])
     return True
+
+  def image_bound(self, units: Sequence[dict]) -> np.ndarray:
+    """bool [B]: rows with free tokens for one of the samples of `units` but too few free image slots."""
+    bound = np.zeros(self.used_tokens.shape, bool)
+    for unit in units:
+      for ids, _, tiles, _ in unit["samples"]:
+        bound |= ((self.used_tokens + len(ids) - 1 <= self.seq_len)
+                  & (self.used_images + len(tiles) > self.max_images))
+    return bound
 
   def _write(self, r, ids, loss_mask, tiles, source_id):
     length, start, first_image = len(ids) - 1, int(self.used_tokens[r]), int(self.used_images[r])
@@ -201,6 +229,7 @@ class _PackOptions:
   pack: bool
   pad_id: int
   max_bad_fraction: float
+  tokens_per_tile: int
 
 
 class _PackedBatchIterator(grain.DatasetIterator):
@@ -211,7 +240,9 @@ class _PackedBatchIterator(grain.DatasetIterator):
     self._maker, self._opt = maker, options
     self._next_unit = 0
     self._waiting: list[tuple[int, dict]] = []
-    self._seen = self._bad = self._batches = self._real_tokens = 0
+    self._seen = self._bad = self._batches = 0
+    self._real_tokens = self._real_images = self._image_bound_rows = 0
+    self._warned_image_bound = False
 
   @property
   def packing_efficiency(self) -> float:
@@ -220,9 +251,27 @@ class _PackedBatchIterator(grain.DatasetIterator):
     return self._real_tokens / total if total else 0.0
 
   @property
+  def packing_stats(self) -> dict[str, Any]:
+    """Over all batches so far: token and image-slot efficiency, share of rows image-bound when their batch closed
+    (free tokens for a pending sample, too few free image slots)."""
+    rows = self._batches * self._opt.batch_size
+    return {"batches": self._batches, "token_efficiency": self.packing_efficiency,
+            "image_slot_efficiency": self._real_images / (rows * self._opt.max_images) if rows else 0.0,
+            "image_bound_rows": self._image_bound_rows / rows if rows else 0.0}
+
+  @property
   def bad_records(self) -> tuple[int, int]:
     """(bad, seen) records so far."""
     return self._bad, self._seen
+
+  @property
+  def units_drawn(self) -> int:
+    """Units drawn from the mixture so far: 0 .. units_drawn - 1 are placed in a batch or pending."""
+    return self._next_unit
+
+  def unit_records(self, u: int) -> list[tuple[str, int]]:
+    """(source, record index) of each sample of unit u (before any bad-record replacement)."""
+    return self._maker.records(u)
 
   def _pull(self) -> tuple[int, dict]:
     unit = next(self._parent)
@@ -238,39 +287,76 @@ class _PackedBatchIterator(grain.DatasetIterator):
           f"data.max_bad_fraction={self._opt.max_bad_fraction}; last: {unit['bad'][-1][2]}")
     return u, unit
 
+  def _placement_order(self, pending: tuple[int, dict]):
+    """Overdue units first (oldest first), then the largest share of a row's tokens or image slots first."""
+    u, unit = pending
+    if self._next_unit - u > MAX_WAIT:
+      return (0, 0.0, u)
+    tokens = sum(len(ids) - 1 for ids, _, _, _ in unit["samples"])
+    tiles = sum(len(t) for _, _, t, _ in unit["samples"])
+    return (1, -max(tokens / self._opt.seq_len, tiles / self._opt.max_images), u)
+
   def __next__(self) -> dict[str, np.ndarray]:
     opt = self._opt
     rows = _Rows(opt.batch_size, opt.seq_len, opt.max_images, opt.tile_size, opt.pack, opt.pad_id)
-    waiting, self._waiting = self._waiting, []
-    for u, unit in waiting:
-      if not rows.place(unit):
-        self._waiting.append((u, unit))
     window = PACK_WINDOW if opt.pack else 1
-    while not rows.full() and len(self._waiting) < window:
-      u, unit = self._pull()
-      if not rows.place(unit):
-        self._waiting.append((u, unit))
+    # Rows only fill up while a batch is built: a unit that did not fit once cannot fit later in this batch.
+    unchecked, failed = self._waiting, []
+    self._waiting = []
+    while True:
+      while len(unchecked) + len(failed) < window:
+        unchecked.append(self._pull())
+      if not unchecked:
+        break  # a whole window of pending units fits nowhere
+      if opt.pack:
+        unchecked.sort(key=self._placement_order)
+      for pending in unchecked:
+        if not rows.place(pending[1]):
+          failed.append(pending)
+      unchecked = []
+      if rows.full():
+        break
+    self._waiting = failed
     if not rows.stat_samples.any():
       raise RuntimeError("no sample fits an empty batch (batch_size smaller than the samples of one unit?)")
     self._batches += 1
     self._real_tokens += int(rows.used_tokens.sum())
+    self._real_images += int(rows.used_images.sum())
+    if opt.pack:
+      self._image_bound_rows += int(rows.image_bound([unit for _, unit in failed]).sum())
     if self._batches % LOG_EVERY == 0:
-      logging.info("data: %d batches, packing efficiency %.3f, bad records %d of %d", self._batches,
-                   self.packing_efficiency, self._bad, self._seen)
+      self._log_packing()
     return rows.batch()
+
+  def _log_packing(self) -> None:
+    stats, opt = self.packing_stats, self._opt
+    logging.info("data: %d batches, packing efficiency %.3f (image slots %.3f, image-bound rows %.1f%%), "
+                 "bad records %d of %d", self._batches, stats["token_efficiency"], stats["image_slot_efficiency"],
+                 100 * stats["image_bound_rows"], self._bad, self._seen)
+    if stats["image_bound_rows"] > IMAGE_BOUND_WARNING and not self._warned_image_bound:
+      self._warned_image_bound = True
+      logging.warning(
+          "data: %.0f%% of rows closed on the image-slot limit data.max_images=%d with tokens free (packing "
+          "efficiency %.3f of data.seq_len=%d); a tile costs %d tokens, so data.max_images >= %d lets tokens bind "
+          "(padded image slots are still encoded)", 100 * stats["image_bound_rows"], opt.max_images,
+          stats["token_efficiency"], opt.seq_len, opt.tokens_per_tile, opt.seq_len // max(opt.tokens_per_tile, 1))
 
   def get_state(self) -> dict[str, Any]:
     return {"parent": self._parent.get_state(), "next_unit": self._next_unit,
             "waiting": [u for u, _ in self._waiting], "seen": self._seen, "bad": self._bad,
-            "batches": self._batches, "real_tokens": self._real_tokens}
+            "batches": self._batches, "real_tokens": self._real_tokens, "real_images": self._real_images,
+            "image_bound_rows": self._image_bound_rows}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
     self._next_unit = int(state["next_unit"])
-    # Waiting units are a pure function of their index: recompute instead of storing samples.
+    # Pending units are a pure function of their index: recompute instead of storing samples.
     self._waiting = [(int(u), self._maker(int(u))) for u in state["waiting"]]
     self._seen, self._bad = int(state["seen"]), int(state["bad"])
     self._batches, self._real_tokens = int(state["batches"]), int(state["real_tokens"])
+    # States written before these counters existed resume with them at 0.
+    self._real_images = int(state.get("real_images", 0))
+    self._image_bound_rows = int(state.get("image_bound_rows", 0))
 
   def close(self) -> None:
     close = getattr(self._parent, "close", None)
@@ -292,7 +378,7 @@ class PackedBatchDataset(grain.IterDataset):
 
 def make_dataset(data_cfg: DataConfig, *, sources: Mapping[str, Sequence[dict]], tokenizer: Tokenizer,
                  tokens_per_tile: int, tile_size: int, batch_size: int, process_index: int = 0,
-                 process_count: int = 1, seed: int = 0) -> PackedBatchDataset:
+                 process_count: int = 1, seed: int = 0, read_threads: int = 2) -> PackedBatchDataset:
   """The stage's Grain dataset of batches (see `make_pipeline`)."""
   names = source_names(data_cfg)
   missing = [n for n in names if n not in sources]
@@ -314,7 +400,7 @@ def make_dataset(data_cfg: DataConfig, *, sources: Mapping[str, Sequence[dict]],
   maker = _UnitMaker(names, {n: sources[n] for n in names}, sampler, tokenizer, spec, full_seed, process_index,
                      process_count)
   units = grain.MapDataset.range(sys.maxsize).map(maker).to_iter_dataset(
-      grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=8))
   if data_cfg.num_workers > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags; programs without absl.app
@@ -322,22 +408,24 @@ def make_dataset(data_cfg: DataConfig, *, sources: Mapping[str, Sequence[dict]],
     units = units.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
   options = _PackOptions(batch_size=batch_size, seq_len=data_cfg.seq_len, max_images=data_cfg.max_images,
                          tile_size=tile_size, pack=data_cfg.pack, pad_id=tokenizer.pad_id,
-                         max_bad_fraction=data_cfg.max_bad_fraction)
+                         max_bad_fraction=data_cfg.max_bad_fraction, tokens_per_tile=tokens_per_tile)
   return PackedBatchDataset(units, maker, options)
 
 
 def make_pipeline(data_cfg: DataConfig, *, sources: Mapping[str, Sequence[dict]], tokenizer: Tokenizer,
                   tokens_per_tile: int, tile_size: int, batch_size: int, process_index: int = 0,
-                  process_count: int = 1, seed: int = 0) -> _PackedBatchIterator:
+                  process_count: int = 1, seed: int = 0, read_threads: int = 2) -> _PackedBatchIterator:
   """Checkpointable iterator of this host's batches (dicts of the training-batch contract).
 
   `sources`: source name -> random-access sequence of decoded records (all of them: each is sharded here by
   process_index/process_count before mixing). `batch_size`: rows per batch on this host. `tile_size` (the stage's
-  image size) overrides data_cfg.split.tile_size. State: `get_state()` / `set_state(state)`, JSON-able.
+  image size) overrides data_cfg.split.tile_size. `read_threads`: Grain threads computing units ahead in this
+  process (0: each unit computed on demand, in the calling thread). State: `get_state()` / `set_state(state)`,
+  JSON-able; `packing_stats` reports token and image-slot efficiency.
   """
   ds = make_dataset(data_cfg, sources=sources, tokenizer=tokenizer, tokens_per_tile=tokens_per_tile,
                     tile_size=tile_size, batch_size=batch_size, process_index=process_index,
-                    process_count=process_count, seed=seed)
+                    process_count=process_count, seed=seed, read_threads=read_threads)
   if process_index == 0:
     mixture_lib.log_mixture({n: data_cfg.mixture[n] for n in source_names(data_cfg)},
                             equal_sources=data_cfg.equal_sources)
