@@ -90,3 +90,15 @@ def test_paper_preset_optimizer_state_is_factored_and_sharded(size):
   total = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   assert total(state.opt_state) < 0.01 * total(params)
   assert aot.per_device_bytes(state.opt_state) < 0.05 * aot.per_device_bytes(state.params)
+
+
+@pytest.mark.skipif(not _tpu_available(), reason="libtpu not installed (pip install -e '.[tpu]'): no TPU compile")
+def test_refused_compile_reports_does_not_fit():
+  """32k-token rows need far more than a v5e chip's 16 GiB: the compiler refuses, the report says so with the
+  temporaries it asked for instead of failing."""
+  exp = cli.load_experiment("tiny", [], SMALL + ["stages.pretrain.data.seq_len=32768"])
+  compiled, r = aot.compile_train_step(exp, 0, "v5e:2x2")
+  assert compiled is None and r.fits is False and "RESOURCE_EXHAUSTED" in r.out_of_memory
+  assert r.temp_bytes > r.hbm_bytes and r.total_bytes > r.temp_bytes
+  text = aot.format_report(r)
+  assert "DOES NOT FIT" in text and "the compiler refused it" in text and "FLOPs" not in text

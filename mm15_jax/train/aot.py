@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 
 import jax
@@ -52,9 +53,12 @@ class AotReport:
   flops: float               # per device per step (cost_analysis)
   scanned_layers: bool = False  # XLA's cost analysis counts a scanned (while-loop) layer stack once
   compile_s: float = 0.0     # wall time of lower + compile on this host
+  out_of_memory: str = ""    # the compiler's message when it refused the program for the chip's HBM
 
   @property
   def fits(self) -> bool | None:
+    if self.out_of_memory:
+      return False
     return None if self.hbm_bytes is None else self.total_bytes <= self.hbm_bytes
 
 
@@ -148,23 +152,34 @@ def compile_train_step(exp: Experiment, index: int, topology: str = "cpu", num_s
   with sharding.use_mesh(mesh):
     jit_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
     start = time.perf_counter()
-    compiled = jit_step.lower(state, batch).compile()
+    lowered = jit_step.lower(state, batch)
+    try:
+      compiled, out_of_memory = lowered.compile(), ""
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      compiled, out_of_memory = None, str(e).strip().splitlines()[0]
     compile_s = time.perf_counter() - start
 
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+  args_bytes = per_device_bytes(state) + per_device_bytes(batch)
+  if compiled is not None:
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    temp, code, flops = mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, (cost or {}).get("flops")
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp + code
+  else:  # the compiler states what the temporaries need ("... HLO temporaries (137.22G) exceeds ...")
+    needed = re.search(r"temporaries \(([\d.]+)G\)", out_of_memory)
+    temp, code, flops = int(float(needed.group(1)) * GIB) if needed else 0, 0, None
+    total = args_bytes + temp
   kind = devices[0].device_kind
   report = AotReport(
       topology=topology or "cpu", device_kind=kind, num_devices=len(devices), mesh=dict(mesh.shape),
       stage=stage.name, batch_shapes={k: v.shape for k, v in batch.items()},
       params_bytes=per_device_bytes(state.params), opt_state_bytes=per_device_bytes(state.opt_state),
-      batch_bytes=per_device_bytes(batch), temp_bytes=mem.temp_size_in_bytes,
-      code_bytes=mem.generated_code_size_in_bytes, total_bytes=total, hbm_bytes=HBM_BYTES.get(kind),
-      flops=float((cost or {}).get("flops", float("nan"))), scanned_layers=model_cfg.scan_layers,
-      compile_s=compile_s)
+      batch_bytes=per_device_bytes(batch), temp_bytes=temp, code_bytes=code, total_bytes=total,
+      hbm_bytes=HBM_BYTES.get(kind), flops=float("nan") if flops is None else float(flops),
+      scanned_layers=model_cfg.scan_layers, compile_s=compile_s, out_of_memory=out_of_memory)
   return compiled, report
 
 
@@ -183,11 +198,16 @@ def format_report(r: AotReport) -> str:
       f"    activations / temps   {gib(r.temp_bytes)}",
       f"    generated code        {gib(r.code_bytes)}",
       f"    total                 {gib(r.total_bytes)}  of {hbm} HBM: {fits}",
-      f"  FLOPs per step: {r.flops:.3e} per device, {r.flops * r.num_devices:.3e} in all",
-      f"  compiled in {r.compile_s:.0f} s",
   ]
-  if r.scanned_layers:
-    lines.append("    (XLA counts each scanned layer stack once: --set model.scan_layers=false for the full count)")
+  if r.out_of_memory:
+    lines += [f"  the compiler refused it: {r.out_of_memory}",
+              "  (total = state + batch + the temporaries it asked for: fewer rows per chip (a larger slice or "
+              "grad_accum) or more remat)"]
+  else:
+    lines.append(f"  FLOPs per step: {r.flops:.3e} per device, {r.flops * r.num_devices:.3e} in all")
+    if r.scanned_layers:
+      lines.append("    (XLA counts each scanned layer stack once: --set model.scan_layers=false for the full count)")
+  lines.append(f"  compiled in {r.compile_s:.0f} s")
   return "\n".join(lines)
 
 
