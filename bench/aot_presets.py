@@ -46,17 +46,19 @@ def compile_one(size: str, stage: str, topology: str, sets: list[str], out: str,
 
 def table(rows: list[dict]) -> str:
   gib = lambda b: f"{b / 2**30:.2f}"
-  lines = ["| preset | stage | slice | mesh | batch (global) | params | opt state | activations | total | HBM | fits | "
-           "compile |", "|" + "---|" * 12]
+  lines = ["| preset | stage | slice | mesh, other settings | batch (global) | params | opt state | activations | "
+           "total | HBM | fits | compile |", "|" + "---|" * 12]
   for r in rows:
-    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+    extra = [o for o in r.get("overrides", DEFAULT_SLICE[1]) if not o.startswith("mesh.")]
+    mesh = " ".join([f"{k}={v}" for k, v in r["mesh"].items() if v > 1] + extra)
     batch = "x".join(map(str, r["batch_shapes"]["tokens"]))
     img = r["batch_shapes"]["images"]
     lines.append(
         f"| {r['experiment'].removeprefix('mm15-')} | {r['stage']} | {r['topology']} | {mesh} | {batch} tok, "
         f"{img[1]} x {img[2]} px img | {gib(r['params_bytes'])} | {gib(r['opt_state_bytes'])} | "
         f"{gib(r['temp_bytes'])} | {gib(r['total_bytes'])} | {gib(r['hbm_bytes'])} | "
-        f"{'yes' if r['fits'] else 'NO'} | {r['compile_s'] / 60:.1f} min |")
+        f"{'yes' if r['fits'] else 'NO' + (' (refused)' if r.get('out_of_memory') else '')} | "
+        f"{r['compile_s'] / 60:.1f} min |")
   return "\n".join(lines)
 
 
@@ -67,6 +69,8 @@ def main(argv=None):
   p.add_argument("--stages", default=",".join(STAGES))
   p.add_argument("--topology", default=DEFAULT_SLICE[0])
   p.add_argument("--set", action="append", default=None, help="config overrides (default: fsdp over all chips)")
+  p.add_argument("--per-stage", action="append", default=[],
+                 help="override with STAGE replaced by the stage's name, e.g. stages.STAGE.grad_accum=2")
   p.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
   p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
   a = p.parse_args(argv)
@@ -77,10 +81,11 @@ def main(argv=None):
   sets = DEFAULT_SLICE[1] if a.set is None else a.set
   for size in a.presets.split(","):
     for stage in a.stages.split(","):
+      sets_here = sets + [o.replace("STAGE", stage) for o in a.per_stage]
       done = any(r["experiment"] == f"mm15-{size}" and r["stage"] == stage and r["topology"] == a.topology
-                 for r in load(a.out))
+                 and r.get("overrides", DEFAULT_SLICE[1]) == sets_here for r in load(a.out))
       if not done:
-        compile_one(size, stage, a.topology, sets, a.out, a.timeout)
+        compile_one(size, stage, a.topology, sets_here, a.out, a.timeout)
 
 
 if __name__ == "__main__":

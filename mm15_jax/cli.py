@@ -86,7 +86,8 @@ def cmd_aot(a):
   from mm15_jax.train import aot
   exp = load_experiment(a.config, a.arg, a.set)
   try:
-    aot.command(exp, a.stage.split(",") if a.stage else [], a.topology, a.num_slices, a.json)
+    aot.command(exp, a.stage.split(",") if a.stage else [], a.topology, a.num_slices, a.json,
+                overrides=tuple(a.set or ()))
   except (RuntimeError, ValueError) as e:
     raise SystemExit(f"mm15 aot: {e}") from e
 

@@ -212,9 +212,9 @@ def format_report(r: AotReport) -> str:
 
 
 def command(exp: Experiment, stages: list[str], topology: str, num_slices: int = 1, json_path: str = "",
-            log=print) -> list[AotReport]:
+            overrides: tuple[str, ...] = (), log=print) -> list[AotReport]:
   """Compiles and reports every named stage (all when `stages` is empty); each report is appended to `json_path`
-  as one JSON line (with the experiment's name) when given."""
+  as one JSON line (with the experiment's name and the config `overrides` it was built with) when given."""
   names = [s.name for s in exp.stages]
   unknown = sorted(set(stages) - set(names))
   if unknown:
@@ -228,5 +228,6 @@ def command(exp: Experiment, stages: list[str], topology: str, num_slices: int =
     reports.append(report)
     if json_path:
       with open(json_path, "a") as f:
-        f.write(json.dumps({"experiment": exp.name, **dataclasses.asdict(report), "fits": report.fits}) + "\n")
+        f.write(json.dumps({"experiment": exp.name, "overrides": list(overrides), **dataclasses.asdict(report),
+                            "fits": report.fits}) + "\n")
   return reports

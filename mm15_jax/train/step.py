@@ -68,8 +68,11 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, model_c
   def accumulated_grads(params, batch):
     if grad_accum == 1:
       return grads_of(params, batch)
-    # [B, ...] -> [accum, B / accum, ...]; token-weighted so accumulation equals one large batch.
-    micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+    # [B, ...] -> [accum, B / accum, ...] taking every accum-th row: each device's contiguous block of rows splits
+    # evenly over the micro-batches, so no micro-batch moves between devices. Token-weighted: the accumulated
+    # gradient equals one large batch's.
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
+                         batch)
 
     def body(carry, mb):
       grads, metrics = grads_of(params, mb)
