@@ -4,8 +4,8 @@ Routing (Mixtral convention): router logits in float32, softmax over all experts
 renormalise them to sum to 1; a token's output is the weighted sum of its k experts' SwiGLU outputs.
 
 Dropless mode (capacity_factor == 0): the token-expert assignments are sorted by expert and every expert runs one
-grouped matmul (models/grouped.py: jax.lax.ragged_dot on TPU/GPU, a blocked matmul on CPU) over exactly its tokens;
-nothing is dropped.
+grouped matmul (models/grouped.py: jax.lax.ragged_dot on TPU/GPU, a loop over row chunks on CPU) over exactly its
+tokens; nothing is dropped.
 Capacity mode (capacity_factor > 0): every expert takes at most C = ceil(capacity_factor * tokens * k / experts)
 assignments into a [experts, C, d] buffer; assignments are served first-choice-first, then in token order
 (GShard/Switch priority); overflow assignments are dropped (their share of the output is zero) and counted in
@@ -92,7 +92,7 @@ class MoEFeedForward(nnx.Module):
     xs_AD = x_ND[order // k]                             # A = n * k assignments
     group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
     gate, up, down = self._expert_weights()
-    matmul = lambda x, w: grouped.grouped_matmul(x, w, group_sizes, impl=self.grouped_impl, block=256)
+    matmul = lambda x, w: grouped.grouped_matmul(x, w, group_sizes, impl=self.grouped_impl)
     h_AF = jax.nn.silu(matmul(xs_AD, gate)) * matmul(xs_AD, up)
     out_AD = matmul(h_AF, down)
     out_AD = jnp.zeros_like(out_AD).at[order].set(out_AD)  # back to (token, choice) order
