@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import datetime
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -31,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mm15_jax import machine  # noqa: E402
 from mm15_jax import config as config_lib  # noqa: E402
 from mm15_jax import sharding  # noqa: E402
 from mm15_jax.config import (ConnectorConfig, DecoderConfig, MeshConfig, ModelConfig, MoEConfig,  # noqa: E402
@@ -42,24 +41,6 @@ from mm15_jax.train.step import make_train_step  # noqa: E402
 
 IMAGE_TOKEN_ID = 3
 TILE, POOLED_SIDE = 16, 2
-
-
-def environment(argv) -> dict:
-  """Date, machine, versions and command line: the JSON record's header."""
-  model = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-  except OSError:
-    pass
-  import flax
-  import orbax.checkpoint as ocp
-  return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-          "machine": {"cpus": os.cpu_count(), "cpu_model": model, "load_avg_1m": round(os.getloadavg()[0], 2)},
-          "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
-                       "orbax_checkpoint": getattr(ocp, "__version__", "?"), "grain": getattr(grain, "__version__",
-                                                                                             "?")},
-          "command": " ".join(["python", "bench/checkpoint_stall.py", *argv])}
 
 
 def model_config(quick: bool) -> ModelConfig:
@@ -208,7 +189,7 @@ def main(argv=None) -> dict:
       shutil.rmtree(directory, ignore_errors=True)
   print(table(result))
   print("Measured on a shared machine under load; the share is per save, relative to the median step.")
-  print(json.dumps({"bench": "checkpoint_stall", **environment(argv), **result}))
+  print(json.dumps({"bench": "checkpoint_stall", **machine.describe(" ".join(["python", "bench/checkpoint_stall.py", *argv])), **result}))
   return result
 
 

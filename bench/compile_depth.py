@@ -13,10 +13,8 @@ in-memory caches cleared first, after one unreported warm-up compile (none with 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -25,6 +23,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from mm15_jax import machine  # noqa: E402
 from mm15_jax import sharding  # noqa: E402
 from mm15_jax.config import (ConnectorConfig, DecoderConfig, MeshConfig, ModelConfig, MoEConfig,  # noqa: E402
                              StageConfig, VisionConfig)
@@ -37,21 +36,6 @@ TILE, POOLED_SIDE = 16, 2
 BATCH, SEQ_LEN, MAX_IMAGES = 2, 128, 1
 # XLA:CPU options that halve compile time (its fusion emitters and LLVM optimisation cost more than they save here).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-def environment(argv) -> dict:
-  """Date, machine, versions and command line: the JSON record's header."""
-  model = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-  except OSError:
-    pass
-  import flax
-  return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-          "machine": {"cpus": os.cpu_count(), "cpu_model": model, "load_avg_1m": round(os.getloadavg()[0], 2)},
-          "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__},
-          "command": " ".join(["python", "bench/compile_depth.py", *argv])}
 
 
 def model_config(num_layers: int, scan_layers: bool) -> ModelConfig:
@@ -132,7 +116,7 @@ def main(argv=None) -> list[dict]:
   print(table(rows))
   print(f"Measured on a shared machine under load, one compile per row (CPU: this process's CPU time, less sensitive "
         f"to other jobs than wall time); XLA options: {options or 'defaults'}.")
-  print(json.dumps({"bench": "compile_depth", **environment(argv), "compiler_options": options, "rows": rows}))
+  print(json.dumps({"bench": "compile_depth", **machine.describe(" ".join(["python", "bench/compile_depth.py", *argv])), "compiler_options": options, "rows": rows}))
   return rows
 
 

@@ -17,10 +17,8 @@ Variants: each grouped-matmul implementation (`blocked`, `ragged`) of the drople
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -31,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from mm15_jax import machine  # noqa: E402
 from mm15_jax.config import MoEConfig  # noqa: E402
 from mm15_jax.models import layers  # noqa: E402
 from mm15_jax.models.moe import MoEFeedForward  # noqa: E402
@@ -41,22 +40,6 @@ LOAD_BALANCE_WEIGHT, Z_LOSS_WEIGHT = MoEConfig.load_balance_weight, MoEConfig.z_
 # (tokens, d_model, expert width f, experts); the dense FFN has width TOP_K * f.
 FULL_CASES = [(8192, 256, 256, 8), (8192, 256, 256, 64), (16384, 512, 256, 8), (16384, 512, 256, 64)]
 QUICK_CASES = [(1024, 64, 64, 8), (1024, 64, 32, 64)]
-
-
-def environment(argv) -> dict:
-  """Date, machine, versions and command line: the JSON record's header."""
-  model = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-  except OSError:
-    pass
-  import flax
-  return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-          "machine": {"cpus": os.cpu_count(), "cpu_model": model, "load_avg_1m": round(os.getloadavg()[0], 2)},
-          "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
-                       "numpy": np.__version__},
-          "command": " ".join(["python", "bench/moe.py", *argv])}
 
 
 def build(variant: str, d_model: int, expert_width: int, num_experts: int):
@@ -168,7 +151,7 @@ def main(argv=None) -> list[dict]:
   print(table(rows))
   print("Medians over rounds, measured on a shared machine under load: compare ratios within a run, not times "
         "across runs. CPU = this process's CPU time (all threads), less sensitive to other jobs than wall time.")
-  print(json.dumps({"bench": "moe", **environment(argv), "rounds": rounds, "rows": rows}))
+  print(json.dumps({"bench": "moe", **machine.describe(" ".join(["python", "bench/moe.py", *argv])), "rounds": rounds, "rows": rows}))
   return rows
 
 

@@ -35,13 +35,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import importlib.util
 import io
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,6 +50,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from mm15_jax import machine
 from mm15_jax.config import DataConfig
 from mm15_jax.configs import mm15, tiny
 from mm15_jax.data import images as images_lib
@@ -372,17 +371,6 @@ def tables(result: dict) -> str:
   return "\n".join(lines)
 
 
-def machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-  return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, load average {load}"
-
-
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data-dir", default=None, help="synthetic corpus (generated when it holds no corpus.json)")
@@ -431,8 +419,8 @@ def main(argv=None) -> dict:
   result["packing"] = packings
   print(tables(result))
   command = " ".join(["python bench/pipeline.py", *(sys.argv[1:] if argv is None else argv)])
-  line = {"bench": "pipeline", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-          "machine": machine(), "command": command,
+  line = {"bench": "pipeline",
+          **machine.describe(command),
           "note": "rates per CPU second of one thread (time.process_time); ratios: medians of per-round ratios; "
                   "measured under load from other processes",
           "realistic_images": {"sizes": {k: v["sizes"] for k, v in REALISTIC.items()},
