@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mm15_jax.config import DecoderConfig, MoEConfig
+from fixtures import mesh_of
+from mm15_jax import sharding
+from mm15_jax.config import DecoderConfig, MeshConfig, MoEConfig
 from mm15_jax.models import decoder as dec
 
 
@@ -160,3 +162,86 @@ def test_upcycled_decoder_matches_dense():
   assert float(aux["moe_load_balance_loss"]) > 0
   with pytest.raises(ValueError, match="dense source"):
     dec.upcycle_from_dense(moe, dense)
+
+
+# Blocked causal attention
+
+
+def packed_segments(lengths, total):
+  ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(total - sum(lengths))])
+  return jnp.asarray(ids, jnp.int32)
+
+
+def test_blocked_attention_matches_dense():
+  t, block = 45, 16  # query blocks of 16, 16 and 13 tokens
+  b, h, g, hd = 2, 4, 2, 8
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (b, t, h, hd))
+  k = jax.random.normal(keys[1], (b, t, g, hd))
+  v = jax.random.normal(keys[2], (b, t, g, hd))
+  weights = jax.random.normal(keys[3], (b, t, h, hd))
+  # Row 0: three packed segments and padding; row 1: one segment over the whole row.
+  seg = jnp.stack([packed_segments([t // 3, t // 4, t // 5], t), jnp.ones((t,), jnp.int32)])
+  mask = dec.segment_causal_mask(seg)
+
+  def loss(impl, q, k, v):
+    out = dec.attend(q, k, v, mask, jnp.float32, causal=True, impl=impl, block=block)
+    return (out * weights).sum(), out
+
+  grads, outs = {}, {}
+  for impl in ("dense", "blocked"):
+    (_, outs[impl]), grads[impl] = jax.jit(jax.value_and_grad(lambda *a, i=impl: loss(i, *a), argnums=(0, 1, 2),
+                                                              has_aux=True))(q, k, v)
+  np.testing.assert_allclose(np.asarray(outs["blocked"]), np.asarray(outs["dense"]), atol=1e-5)
+  for name, got, want in zip("qkv", grads["blocked"], grads["dense"]):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, err_msg=f"d{name}")
+  assert np.isfinite(np.asarray(outs["blocked"])).all()
+  # The blocked program never forms a [t, t] float array: the skipped key blocks are really not computed.
+  jaxpr = jax.make_jaxpr(lambda *a: loss("blocked", *a)[0])(q, k, v).jaxpr
+  shapes = {tuple(var.aval.shape[-2:]) for eqn in jaxpr.eqns for var in eqn.outvars
+            if var.aval.dtype == jnp.float32 and len(var.aval.shape) >= 2}
+  assert (t, t) not in shapes
+
+
+def test_decoder_blocked_matches_dense():
+  """A packed row longer than CAUSAL_BLOCK through the whole decoder: logits and parameter gradients."""
+  t = dec.CAUSAL_BLOCK + 72  # blocks of 128 and 72 tokens
+  cfg = DecoderConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=64, max_len=t)
+  model = dec.Decoder(cfg, dtype="float32", rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, t), 0, 64)
+  lengths = (90, 70, 30)  # the second segment straddles the block boundary; 10 padding tokens
+  seg = jnp.stack([packed_segments(lengths, t), packed_segments([t], t)])
+  pos = jnp.stack([jnp.concatenate([jnp.arange(n) for n in lengths] + [jnp.zeros(t - sum(lengths), int)]),
+                   jnp.arange(t)]).astype(jnp.int32)
+  graphdef, params = nnx.split(model)
+
+  def loss(p):
+    m = nnx.merge(graphdef, p)
+    logits, _, _ = m(m.embed(tokens), seg, pos)
+    return (logits * jnp.sin(jnp.arange(64.0))).mean(), logits
+
+  results = {}
+  for impl in ("dense", "blocked"):
+    with dec.attention_impl(impl):  # read while tracing
+      results[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  (_, got), got_grads = results["blocked"]
+  (_, want), want_grads = results["dense"]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=1e-4, err_msg=str(path))
+
+
+def test_attention_impl_selection():
+  assert dec.resolve_attention_impl("auto", "cpu") == "blocked"
+  assert dec.resolve_attention_impl("auto", "tpu") == dec.resolve_attention_impl("auto", "gpu") == "dense"
+  assert dec.resolve_attention_impl("dense", "cpu") == "dense"
+  assert dec.resolve_attention_impl("blocked", "tpu") == "blocked"
+  with dec.attention_impl("dense"):
+    assert dec.resolve_attention_impl() == "dense"
+  with dec.attention_impl("auto"):
+    assert dec.resolve_attention_impl() == "blocked"  # the default backend here is CPU
+    with sharding.use_mesh(mesh_of(MeshConfig(data=-1))):  # the mesh's devices decide (CPU ones here)
+      assert dec.resolve_attention_impl() == "blocked"
+  with pytest.raises(ValueError, match="flash"):
+    with dec.attention_impl("flash"):
+      pass
