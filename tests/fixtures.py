@@ -7,6 +7,9 @@ programs are then compiled once per session.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import sys
 
 import jax
 import numpy as np
@@ -141,3 +144,15 @@ def with_stage(exp: Experiment, index: int, **changes) -> Experiment:
   exp = copy.deepcopy(exp)
   exp.stages[index] = dataclasses.replace(exp.stages[index], **changes)
   return exp
+
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def load_bench(name: str):
+  """The script bench/<name>.py as a module (bench/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH_DIR, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+  spec.loader.exec_module(module)
+  return module

@@ -1,31 +1,18 @@
 """bench/pipeline.py --quick on the small synthetic corpus: real rates, ratios from the two measurements, realistic
 re-encoded images, the comparison with another images module, packing efficiency counted in the batches."""
-import importlib.util
 import io
 import json
-import os
 import statistics
 import sys
 
 import pytest
 from PIL import Image
 
-from fixtures import corpus_dir  # noqa: F401 (fixture)
+from fixtures import corpus_dir, load_bench  # noqa: F401 (fixture)
 from mm15_jax.data import records
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "pipeline.py")
-
-
-def load_bench():
-  spec = importlib.util.spec_from_file_location("bench_pipeline", BENCH)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_quick_bench(corpus_dir, tmp_path, capsys):  # noqa: F811 (fixture)
-  bench = load_bench()
+  bench = load_bench("pipeline")
   out = tmp_path / "bench.jsonl"
   # A baseline images module that counts the images it splits (and otherwise is ours).
   baseline = tmp_path / "counting_images.py"

@@ -1,16 +1,6 @@
 """The benchmarks in bench/ run (--quick) and measure what they claim: equal active FLOPs, finite results, saved
 checkpoints that restore, one compiled step per depth. No timing is asserted (the machine is shared)."""
-import importlib.util
-import os
-
-BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-
-
-def load(name: str):
-  spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH_DIR, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from fixtures import load_bench as load
 
 
 def test_moe_quick(capsys):

@@ -1,11 +1,9 @@
 """bench/train_step.py --quick: our step and LLaVA's built at the same sizes (no timing assertions)."""
 import contextlib
-import importlib.util
 import io
 import json
 import math
 import os
-import sys
 
 import jax
 import numpy as np
@@ -14,22 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from fixtures import load_bench  # noqa: E402
 from mm15_jax.train import flops as flops_lib  # noqa: E402
-
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "train_step.py")
-
-
-def load_bench():
-  spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-  spec.loader.exec_module(module)
-  return module
-
 
 @pytest.fixture(scope="module")
 def bench():
-  return load_bench()
+  return load_bench("train_step")
 
 
 @pytest.fixture(scope="module")
