@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mm15_jax.config import MoEConfig
+from mm15_jax import sharding
+from mm15_jax.config import MeshConfig, MoEConfig
 from mm15_jax.models import layers
 from mm15_jax.models.moe import MoEFeedForward, upcycle
 
@@ -119,3 +120,30 @@ def test_expert_params_carry_expert_axis():
   specs = nnx.get_partition_spec(nnx.state(make_moe()))
   for name in ("gate", "up", "down"):
     assert tuple(specs[name].get_value())[0] == "expert"
+
+
+def test_dropless_routes_per_data_shard_with_the_same_result():
+  """On a data=2 x fsdp=4 mesh each shard sorts its own tokens (shard_map): outputs and gradients (input and every
+  expert weight) equal the single-device layer's, and the compiled program holds no whole-batch assignment array."""
+  moe = make_moe()
+  x = jax.random.normal(jax.random.key(1), (8, 5, D))
+  graphdef, params = nnx.split(moe)
+
+  def loss(p, x):
+    y, aux = nnx.merge(graphdef, p)(x)
+    return jnp.sum(y * jnp.sin(jnp.arange(D, dtype=jnp.float32))) + aux["moe_load_balance_loss"], y
+
+  grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+  (_, y1), g1 = jax.jit(grad_fn)(params, x)
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4))
+  with sharding.use_mesh(mesh):
+    xs = jax.device_put(x, sharding.named_sharding(mesh, ("batch", None, None)))
+    step = jax.jit(grad_fn)
+    (_, y8), g8 = step(params, xs)
+    hlo = step.lower(params, xs).as_text()
+  assert "shard_map" in hlo or "manual" in hlo.lower()  # the per-shard path was taken
+  np.testing.assert_allclose(np.asarray(y8), np.asarray(y1), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(y1), naive_moe(moe, np.asarray(x).reshape(40, D)).reshape(8, 5, D),
+                             atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)

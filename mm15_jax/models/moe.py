@@ -5,7 +5,8 @@ renormalise them to sum to 1; a token's output is the weighted sum of its k expe
 
 Dropless mode (capacity_factor == 0): the token-expert assignments are sorted by expert and every expert runs one
 grouped matmul (models/grouped.py: jax.lax.ragged_dot on TPU/GPU, a loop over row chunks on CPU) over exactly its
-tokens; nothing is dropped.
+tokens; nothing is dropped. On a mesh with data-parallel axes (and no expert or tensor axis) each data shard sorts
+its own tokens.
 Capacity mode (capacity_factor > 0): every expert takes at most C = ceil(capacity_factor * tokens * k / experts)
 assignments into a [experts, C, d] buffer; assignments are served first-choice-first, then in token order
 (GShard/Switch priority); overflow assignments are dropped (their share of the output is zero) and counted in
@@ -18,12 +19,15 @@ Auxiliary losses, over real tokens only (unweighted; the trainer multiplies by t
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from mm15_jax import sharding
 from mm15_jax.config import MoEConfig
 from mm15_jax.models import grouped, layers
 from mm15_jax.sharding import constrain
@@ -85,18 +89,22 @@ class MoEFeedForward(nnx.Module):
     return self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt)
 
   def _dropless(self, x_ND, experts_NK):
-    n, k = experts_NK.shape
-    e = self.num_experts
-    flat_e = experts_NK.reshape(n * k)
-    order = jnp.argsort(flat_e, stable=True)             # assignments grouped by expert
-    xs_AD = x_ND[order // k]                             # A = n * k assignments
-    group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
-    gate, up, down = self._expert_weights()
-    matmul = lambda x, w: grouped.grouped_matmul(x, w, group_sizes, impl=self.grouped_impl)
-    h_AF = jax.nn.silu(matmul(xs_AD, gate)) * matmul(xs_AD, up)
-    out_AD = matmul(h_AF, down)
-    out_AD = jnp.zeros_like(out_AD).at[order].set(out_AD)  # back to (token, choice) order
-    return out_AD.reshape(n, k, -1)
+    """Each data shard sorts and multiplies its own tokens' assignments (shard_map over the batch axes): sorted
+    globally, the [N * k, D] and [N * k, F] assignment arrays of the whole batch would sit on every device. Dropless
+    routing makes a token's output independent of the others, so both give the same result."""
+    weights = self._expert_weights()
+    local = functools.partial(_dropless, num_experts=self.num_experts, impl=self.grouped_impl)
+    mesh = sharding.current_mesh()
+    batch_axes = tuple(a for a in sharding.BATCH_AXES if mesh is not None and mesh.shape[a] > 1)
+    shards = math.prod(mesh.shape[a] for a in batch_axes) if batch_axes else 1
+    # Expert or tensor parallelism would need their own collectives inside; those meshes sort globally.
+    if shards == 1 or x_ND.shape[0] % shards or mesh.shape["expert"] * mesh.shape["tensor"] > 1:
+      return local(x_ND, experts_NK, *weights)
+    rows, replicated = P(batch_axes), P()
+    # check_vma=False: the CPU grouped matmul's loop carries start unvarying (gradients stay exact, tested).
+    per_shard = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows) + (replicated,) * 3, out_specs=rows,
+                              check_vma=False)
+    return per_shard(x_ND, experts_NK, *weights)
 
   def capacity(self, num_tokens: int) -> int:
     return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
@@ -125,6 +133,21 @@ class MoEFeedForward(nnx.Module):
     out_NKD = out_AD.reshape(k, n, -1).transpose(1, 0, 2)
     drop_rate = (real & ~kept).sum() / jnp.maximum(real.sum(), 1)
     return out_NKD, drop_rate.astype(jnp.float32)
+
+
+def _dropless(x_ND, experts_NK, gate_EDF, up_EDF, down_EFD, *, num_experts: int, impl: str):
+  """[N, D] tokens, [N, k] expert ids -> [N, k, D] expert outputs: assignments sorted by expert, one grouped matmul
+  per weight."""
+  n, k = experts_NK.shape
+  flat_e = experts_NK.reshape(n * k)
+  order = jnp.argsort(flat_e, stable=True)             # assignments grouped by expert
+  xs_AD = x_ND[order // k]                             # A = n * k assignments
+  group_sizes = jnp.bincount(flat_e, length=num_experts).astype(jnp.int32)
+  matmul = lambda x, w: grouped.grouped_matmul(x, w, group_sizes, impl=impl)
+  h_AF = jax.nn.silu(matmul(xs_AD, gate_EDF)) * matmul(xs_AD, up_EDF)
+  out_AD = matmul(h_AF, down_EFD)
+  out_AD = jnp.zeros_like(out_AD).at[order].set(out_AD)  # back to (token, choice) order
+  return out_AD.reshape(n, k, -1)
 
 
 def upcycle(dense: layers.SwiGLU, cfg: MoEConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32) -> MoEFeedForward:
