@@ -48,7 +48,9 @@ def table(rows: list[dict]) -> str:
   gib = lambda b: f"{b / 2**30:.2f}"
   lines = ["| preset | stage | slice | mesh, other settings | batch (global) | params | opt state | activations | "
            "total | HBM | fits | compile |", "|" + "---|" * 12]
-  for r in rows:
+  order = lambda r: (PRESETS.index(r["experiment"].removeprefix("mm15-")), STAGES.index(r["stage"]),
+                     len(r.get("overrides", ())))
+  for r in sorted(rows, key=order):
     extra = [o for o in r.get("overrides", DEFAULT_SLICE[1]) if not o.startswith("mesh.")]
     mesh = " ".join([f"{k}={v}" for k, v in r["mesh"].items() if v > 1] + extra)
     batch = "x".join(map(str, r["batch_shapes"]["tokens"]))
