@@ -161,7 +161,6 @@ def compile_train_step(exp: Experiment, index: int, topology: str = "cpu", num_s
       compiled, out_of_memory = None, str(e).strip().splitlines()[0]
     compile_s = time.perf_counter() - start
 
-  args_bytes = per_device_bytes(state) + per_device_bytes(batch)
   if compiled is not None:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -171,7 +170,7 @@ def compile_train_step(exp: Experiment, index: int, topology: str = "cpu", num_s
   else:  # the compiler states what the temporaries need ("... HLO temporaries (137.22G) exceeds ...")
     needed = re.search(r"temporaries \(([\d.]+)G\)", out_of_memory)
     temp, code, flops = int(float(needed.group(1)) * GIB) if needed else 0, 0, None
-    total = args_bytes + temp
+    total = per_device_bytes(state) + per_device_bytes(batch) + temp
   kind = devices[0].device_kind
   report = AotReport(
       topology=topology or "cpu", device_kind=kind, num_devices=len(devices), mesh=dict(mesh.shape),
