@@ -19,6 +19,7 @@ setup(
         "sentencepiece>=0.2.1",
         "numpy>=2.0",
         "pillow>=11.0",
+        "opencv-python-headless>=4.10",  # decode straight into numpy, fast resampling (IMREAD_COLOR_RGB: 4.10+)
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "pyarrow>=14",

@@ -85,6 +85,7 @@ class SplitConfig:
   static_grid: int = 2           # static: grid x grid tiles
   overview: bool = True          # add the whole image resized to one tile, after the tiles
   max_images_to_split: int = 2   # split only when a sample has fewer than 3 images
+  resample: str = "fast"         # "fast" (OpenCV: box-reduce + bilinear/bicubic) | "antialias" (PIL bicubic)
 
 
 @dataclasses.dataclass

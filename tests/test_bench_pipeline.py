@@ -78,7 +78,10 @@ def test_quick_bench(corpus_dir, tmp_path, capsys):  # noqa: F811 (fixture)
         statistics.median(r["decode_cpu"] / r["cpu"] for r in rounds), rel=1e-12)
     assert t["pipeline_samples_per_wall_s"] > 0 and t["decode_images_per_cpu_s"] > 0
     # The pipeline decodes and splits every image and more: it cannot be faster than decoding alone.
-    assert 0 < t["ratio_pipeline_to_decode"] < 1
+    assert 0 < t["ratio_pipeline_to_decode"] < 1 and 0 < t["ratio_pipeline_to_fastest_decode"] < 1
+    assert all(r["decode_numpy_cpu"] > 0 for r in rounds)
+    assert t["ratio_pipeline_to_fastest_decode"] == pytest.approx(
+        statistics.median(min(r["decode_cpu"], r["decode_numpy_cpu"]) / r["cpu"] for r in rounds), rel=1e-12)
   assert stage2["images"] == stage2["samples"]  # one page image per OCR sample
   # Stage 2 draws whole units of one sample per source: a multiple of 4 samples.
   assert all(r["samples"] % 4 == 0 for r in stage2["per_round"])

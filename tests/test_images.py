@@ -1,5 +1,7 @@
+import dataclasses
 import io
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -67,19 +69,19 @@ def test_inference_n_max_allows_bigger_grids():
   assert images.choose_grid(2688, 2688, 672, 4, 16) == (4, 4)
 
 
-def test_padding_never_stretches():
+@pytest.mark.parametrize("resample", images.RESAMPLE_MODES)
+def test_padding_never_stretches(resample):
   pixels = random_image(30, 90)
-  tile = images.split_image(pixels, SplitConfig(mode="none"), tile_size=45).tiles
+  tile = images.split_image(pixels, SplitConfig(mode="none", resample=resample), tile_size=45).tiles
   assert tile.shape == (1, 45, 45, 3)
-  expected = np.asarray(Image.fromarray(pixels).resize((45, 15), Image.Resampling.BICUBIC))
-  np.testing.assert_array_equal(tile[0, :15], expected)  # aspect 1:3 kept, top-left
+  assert_resampled(tile[0, :15], reference_resize(pixels, 15, 45, resample), resample)  # aspect 1:3, top-left
   assert (tile[0, 15:] == images.PAD_RGB).all()
 
 
 def test_dynamic_tiles_row_major_and_overview_last():
   r = 16
   pixels = random_image(20, 70, seed=1)
-  cfg = SplitConfig(mode="dynamic", n_min=2, n_max=6, overview=True)
+  cfg = SplitConfig(mode="dynamic", n_min=2, n_max=6, overview=True, resample="antialias")
   split = images.split_image(pixels, cfg, tile_size=r)
   n_h, n_w = split.grid
   assert (n_h, n_w) == images.choose_grid(20, 70, r, 2, 6)
@@ -93,7 +95,7 @@ def test_dynamic_tiles_row_major_and_overview_last():
   for i in range(n_h):
     for j in range(n_w):
       np.testing.assert_array_equal(split.tiles[i * n_w + j], canvas[i * r:(i + 1) * r, j * r:(j + 1) * r])
-  np.testing.assert_array_equal(split.tiles[-1], images.fit_and_pad(pixels, r, r))
+  np.testing.assert_array_equal(split.tiles[-1], images.fit_and_pad(pixels, r, r, "antialias"))
 
 
 def test_static_split_and_no_overview():
@@ -104,18 +106,29 @@ def test_static_split_and_no_overview():
   assert split.grid == (3, 3) and split.tiles.shape == (9, 10, 10, 3) and not split.overview
 
 
-def test_multi_image_rule():
-  cfg = SplitConfig(mode="dynamic", n_min=4, n_max=4, max_images_to_split=2)
-  two = images.split_images([random_image(20, 20)] * 2, cfg, tile_size=8)
+@pytest.mark.parametrize("resample", images.RESAMPLE_MODES)
+def test_multi_image_rule(resample):
+  cfg = SplitConfig(mode="dynamic", n_min=4, n_max=4, max_images_to_split=2, resample=resample)
+  pixels = random_image(20, 20)
+  two = images.split_images([pixels] * 2, cfg, tile_size=8)
   assert [s.tiles.shape[0] for s in two] == [5, 5]
-  three = images.split_images([random_image(20, 20)] * 3, cfg, tile_size=8)
+  three = images.split_images([pixels] * 3, cfg, tile_size=8)
   assert [s.tiles.shape[0] for s in three] == [1, 1, 1] and all(s.grid is None for s in three)
-  np.testing.assert_array_equal(three[0].tiles[0], two[0].tiles[-1])  # overview only
+  # Overview only: the image fitted into one tile. "antialias" resamples a split image's overview from the image
+  # too; "fast" from its grid fit, which here has fewer pixels (16 x 16 < 20 x 20).
+  np.testing.assert_array_equal(three[0].tiles[0], images.fit_and_pad(pixels, 8, 8, resample))
+  if resample == "antialias":
+    np.testing.assert_array_equal(three[0].tiles[0], two[0].tiles[-1])
+  else:
+    grid_fit = reference_resize(pixels, 16, 16, "fast")
+    assert_resampled(two[0].tiles[-1], reference_resize(grid_fit, 8, 8, "fast"), "fast")
 
 
 def test_bad_split_config():
   with pytest.raises(ValueError, match="mode"):
     images.split_image(random_image(4, 4), SplitConfig(mode="anyres"), tile_size=4)
+  with pytest.raises(ValueError, match=r"split.resample .* got 'lanczos'"):
+    images.split_image(random_image(4, 4), SplitConfig(mode="none", resample="lanczos"), tile_size=4)
   with pytest.raises(ValueError, match="n_min"):
     images.choose_grid(4, 4, 4, 5, 4)
 
@@ -136,17 +149,73 @@ def natural_image(h, w, seed=0):
   return np.clip(np.asarray(im) + grain, 0, 255).astype(np.uint8)
 
 
-def reference_split(pixels, grid, tile):
-  """Tiles computed the direct way: one bicubic resize, a padded canvas, cut row-major, overview last."""
-  def fit(canvas_h, canvas_w):
-    h_g, w_g = images.fit_size(*pixels.shape[:2], canvas_h, canvas_w)
-    canvas = np.empty((canvas_h, canvas_w, 3), np.uint8)
-    canvas[...] = images.PAD_RGB
-    canvas[:h_g, :w_g] = np.asarray(Image.fromarray(pixels).resize((w_g, h_g), Image.Resampling.BICUBIC))
-    return canvas
+def interpolation_weights(n_in: int, n_out: int, kind: str) -> np.ndarray:
+  """[n_out, n_in] weights of OpenCV's bilinear / bicubic (a = -0.75) resampling on pixel centres, edges
+  replicated, written from its definition."""
+  weights = np.zeros((n_out, n_in))
+  for i in range(n_out):
+    x = (i + 0.5) * n_in / n_out - 0.5
+    x0 = int(np.floor(x))
+    f = x - x0
+    if kind == "linear":  # OpenCV clamps the coordinate itself at the borders
+      x0, f = (0, 0.0) if x0 < 0 else (n_in - 1, 0.0) if x0 >= n_in - 1 else (x0, f)
+      taps = [(x0, 1 - f), (min(x0 + 1, n_in - 1), f)]
+    else:
+      a = -0.75
+      cubic = lambda t: ((a + 2) * t**3 - (a + 3) * t**2 + 1 if t <= 1 else
+                         a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a if t < 2 else 0.0)
+      taps = [(min(max(x0 + k, 0), n_in - 1), cubic(abs(k - f))) for k in range(-1, 3)]
+    for j, v in taps:
+      weights[i, j] += v
+  return weights
+
+
+def reference_resize(pixels, h_out, w_out, resample):
+  """uint8 [h_out, w_out, 3]. "antialias": one PIL bicubic resize. "fast", from its definition: k x k block means
+  with k = floor(shrink) (rows/columns past a multiple of k dropped), then bilinear for a shrink, bicubic for an
+  enlargement."""
+  if resample == "antialias":
+    return np.asarray(Image.fromarray(pixels).resize((w_out, h_out), Image.Resampling.BICUBIC))
+  (h, w), x = pixels.shape[:2], pixels.astype(np.float64)
+  k = min(h // h_out, w // w_out)
+  if k >= 2:
+    h, w = h // k, w // k
+    x = np.round(x[:h * k, :w * k].reshape(h, k, w, k, 3).mean(axis=(1, 3)))
+  if (h, w) != (h_out, w_out):
+    kind = "linear" if h * w > h_out * w_out else "cubic"
+    x = (interpolation_weights(h, h_out, kind) @ x.reshape(h, w * 3)).reshape(h_out, w, 3)
+    x = np.einsum("pw,owc->opc", interpolation_weights(w, w_out, kind), x)
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def assert_resampled(got, expected, resample):
+  """Exact for "antialias" (the same PIL call); "fast" within one level: OpenCV's fixed-point weights."""
+  assert got.shape == expected.shape
+  if resample == "antialias":
+    np.testing.assert_array_equal(got, expected)
+  else:
+    assert np.abs(got.astype(int) - expected).max() <= 1
+
+
+def reference_fit(pixels, source, canvas_h, canvas_w, resample):
+  """`pixels` fitted into the canvas (aspect kept, top-left, PAD_RGB around), resampled from `source`."""
+  h_g, w_g = images.fit_size(*pixels.shape[:2], canvas_h, canvas_w)
+  canvas = np.empty((canvas_h, canvas_w, 3), np.uint8)
+  canvas[...] = images.PAD_RGB
+  canvas[:h_g, :w_g] = reference_resize(source, h_g, w_g, resample)
+  return canvas
+
+
+def reference_split(pixels, grid, tile, resample="antialias"):
+  """Tiles computed the direct way: one resize onto a padded canvas, cut row-major, then the overview, resized from
+  the image ("antialias") or from whichever of the image and the grid fit has fewer pixels ("fast")."""
   n_h, n_w = grid
-  tiles = fit(n_h * tile, n_w * tile).reshape(n_h, tile, n_w, tile, 3).transpose(0, 2, 1, 3, 4)
-  return np.concatenate([tiles.reshape(n_h * n_w, tile, tile, 3), fit(tile, tile)[None]])
+  grid_canvas = reference_fit(pixels, pixels, n_h * tile, n_w * tile, resample)
+  tiles = grid_canvas.reshape(n_h, tile, n_w, tile, 3).transpose(0, 2, 1, 3, 4)
+  h_g, w_g = images.fit_size(*pixels.shape[:2], n_h * tile, n_w * tile)
+  source = grid_canvas[:h_g, :w_g] if resample == "fast" and h_g * w_g < pixels.shape[0] * pixels.shape[1] else pixels
+  return np.concatenate([tiles.reshape(n_h * n_w, tile, tile, 3),
+                         reference_fit(pixels, source, tile, tile, resample)[None]])
 
 
 @pytest.mark.parametrize("h, w, cfg", [
@@ -159,15 +228,34 @@ def test_split_equals_direct_reference_below_reducing_shrink(h, w, cfg):
   tile = 100
   pixels = natural_image(h, w, seed=h)
   assert max(h, w) / tile < 2 * images.REDUCING_GAP  # no resize here shrinks enough to be reduced first
+  cfg = dataclasses.replace(cfg, resample="antialias")
   split = images.split_image(pixels, cfg, tile_size=tile)
   np.testing.assert_array_equal(split.tiles, reference_split(pixels, split.grid, tile))
 
 
-def test_large_shrinks_are_close_to_exact_bicubic():
+@pytest.mark.parametrize("h, w, cfg", [
+    (290, 200, SplitConfig(mode="static", static_grid=2)),   # grid canvas shrinks 1.45x (bilinear only)
+    (550, 425, SplitConfig(mode="static", static_grid=2)),   # 2.75x: 2x2 block means, then bilinear
+    (60, 170, SplitConfig(mode="static", static_grid=3)),    # enlarged (bicubic); bottom tile row all padding
+    (70, 260, SplitConfig(mode="dynamic", n_min=2, n_max=6)),  # wide, enlarged into the grid
+    (200, 200, SplitConfig(mode="dynamic", n_min=4, n_max=4)),  # exact fit: the grid canvas is not resized
+    (1000, 400, SplitConfig(mode="none")),                   # 10x: 10x10 block means
+])
+def test_fast_split_equals_its_definition(h, w, cfg):
+  tile = 100
+  pixels = natural_image(h, w, seed=h)
+  split = images.split_image(pixels, cfg, tile_size=tile)
+  expected = (reference_split(pixels, split.grid, tile, "fast") if split.grid else
+              reference_fit(pixels, pixels, tile, tile, "fast")[None])
+  assert_resampled(split.tiles, expected, "fast")
+
+
+def test_antialias_large_shrinks_are_close_to_exact_bicubic():
   # A 200 dpi page and the paper's 672 px tiles, both scaled by 1/4: grid canvas shrink 1.64 (exact),
   # overview shrink 3.3 (2x2 blocks averaged first, then bicubic).
   pixels, tile = natural_image(550, 425, seed=3), 168
-  split = images.split_image(pixels, SplitConfig(mode="static", static_grid=2), tile_size=tile)
+  split = images.split_image(pixels, SplitConfig(mode="static", static_grid=2, resample="antialias"),
+                             tile_size=tile)
   reference = reference_split(pixels, (2, 2), tile)
   assert split.tiles.shape == reference.shape == (5, tile, tile, 3) and split.grid == (2, 2)
   np.testing.assert_array_equal(split.tiles[:4], reference[:4])
@@ -183,11 +271,63 @@ def test_large_shrinks_are_close_to_exact_bicubic():
   assert 0 < diff.mean() < 1.5, diff.mean()  # > 0: the reduced path was taken
   assert np.percentile(diff, 99) <= 12
   # Unsplit (mode "none"): the same 3.3x shrink, the same pixels as the overview.
-  np.testing.assert_array_equal(images.split_image(pixels, SplitConfig(mode="none"), tile_size=tile).tiles[0],
-                                split.tiles[4])
+  unsplit = images.split_image(pixels, SplitConfig(mode="none", resample="antialias"), tile_size=tile)
+  np.testing.assert_array_equal(unsplit.tiles[0], split.tiles[4])
 
 
 def test_decode_jpeg_matches_pil():
   raw = encode(natural_image(40, 60), "JPEG")
   expected = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
   np.testing.assert_array_equal(images.decode_image(raw, max_pixels=10**4), expected)
+
+
+def test_fast_shrinks_average_blocks_before_resampling():
+  # A 1-pixel checkerboard has all its energy at the input's Nyquist frequency: plain interpolation shrinking it 2.5x
+  # aliases it into a pattern; 2x2 block means first make it flat grey, as the antialiased filter does.
+  board = (np.indices((500, 400)).sum(axis=0) % 2 * 255).astype(np.uint8)[..., None].repeat(3, axis=-1)
+  fast = images.resize(board, 200, 160, "fast").astype(float)
+  antialias = images.resize(board, 200, 160, "antialias").astype(float)
+  aliased = cv2.resize(board, (160, 200), interpolation=cv2.INTER_LINEAR).astype(float)
+  assert fast.std() < 1 and antialias.std() < 1 < 20 < aliased.std()
+  assert abs(fast.mean() - 127.5) < 1
+
+
+@pytest.mark.parametrize("shrink, max_mean_diff", [(1.64, 2.5), (3.3, 4.0)])
+def test_fast_is_close_to_antialias_on_a_page(shrink, max_mean_diff):
+  # The shrinks of a 200 dpi page onto stage 2's grid canvas (1.64x) and overview (3.3x), at 1/4 scale. Measured
+  # mean differences 2.1 and 3.4 levels (of 255), mostly on text edges; plain bicubic interpolation: 3.2 and 5.9.
+  pixels = natural_image(550, 425, seed=3)
+  h, w = round(550 / shrink), round(425 / shrink)
+  fast = images.resize(pixels, h, w, "fast").astype(int)
+  diff = np.abs(fast - images.resize(pixels, h, w, "antialias"))
+  assert fast.shape == (h, w, 3) and diff.mean() < max_mean_diff
+
+
+@pytest.mark.parametrize("fmt, mode", [("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "L")])
+def test_opencv_decodes_the_same_pixels_as_pil(fmt, mode, monkeypatch):
+  pixels = natural_image(37, 53)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).convert(mode).save(buf, fmt)
+  raw = buf.getvalue()
+  expected = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+  calls, imdecode = [], cv2.imdecode
+  monkeypatch.setattr(images.cv2, "imdecode", lambda *a: calls.append(1) or imdecode(*a))
+  np.testing.assert_array_equal(images.decode_image(raw, max_pixels=10**4), expected)
+  assert calls == [1]  # decoded by OpenCV, not PIL
+
+
+def test_truncated_jpeg_and_exif_orientation():
+  buf = io.BytesIO()
+  Image.fromarray(natural_image(64, 96)).save(buf, "JPEG")
+  # libjpeg fills a truncated JPEG with grey and only warns; the file's missing end marker sends it to PIL, which
+  # names the error.
+  with pytest.raises(ValueError, match=r"rec\[7\].*cannot decode"):
+    images.decode_image(buf.getvalue()[:-300], max_pixels=10**5, where="rec[7]")
+  # EXIF orientation 6 (rotate 90 degrees) is not applied, by either decoder: pixels as stored, as PIL reads them.
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  buf = io.BytesIO()
+  Image.fromarray(natural_image(64, 96)).save(buf, "JPEG", exif=exif.tobytes())
+  decoded = images.decode_image(buf.getvalue(), max_pixels=10**5)
+  assert decoded.shape == (64, 96, 3)
+  np.testing.assert_array_equal(decoded, np.asarray(Image.open(io.BytesIO(buf.getvalue()))))

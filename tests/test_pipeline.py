@@ -272,6 +272,17 @@ def test_missing_source_and_bad_weights(tok):
     make(tok, config({"caption": 0.0}), {"caption": STAGE1["caption"]})
 
 
+@pytest.mark.parametrize("split, message", [
+    (SplitConfig(mode="anyres", tile_size=S), r"data.split.mode must be .* got 'anyres'"),
+    (SplitConfig(mode="none", tile_size=S, resample="lanczos"), r"data.split.resample must be .* got 'lanczos'"),
+    (SplitConfig(mode="dynamic", tile_size=S, n_min=5, n_max=4), r"data.split: need 1 <= n_min <= n_max"),
+])
+def test_bad_split_config_fails_before_reading(tok, split, message):
+  # At construction, naming the key: not as every record failing the same way.
+  with pytest.raises(ValueError, match=message):
+    make(tok, config({"caption": 1.0}, split=split), {"caption": STAGE1["caption"]})
+
+
 def test_multiprocess_prefetch_matches_in_process(tok):
   cfg = config(mixture.stage1_mixture())
   expected = make(tok, cfg, STAGE1)

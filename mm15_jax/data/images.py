@@ -1,4 +1,4 @@
-"""Image decoding and AnyRes splitting into tiles (pure numpy / PIL).
+"""Image decoding and AnyRes splitting into tiles (numpy, OpenCV, PIL).
 
 Splitting never stretches: an image is resized keeping its aspect ratio to fit a canvas, placed at the top-left
 corner and padded at the bottom/right with the CLIP mean colour (which normalises to ~0 inside the model). Boxes in
@@ -10,23 +10,40 @@ Modes (SplitConfig.mode):
   "dynamic": grid (n_h, n_w) chosen by `choose_grid` among n_min <= n_h*n_w <= n_max, + overview.
 The overview (the whole image fitted into one tile) comes AFTER the tiles: under the causal mask it then attends to
 every tile. A sample with more than `max_images_to_split` images is not split: each image is one overview-like tile.
+
+Resampling (SplitConfig.resample), measured in BENCHMARKS.md section 2:
+  "fast":      enlargements bicubic (OpenCV, a = -0.75); a shrink by s first averages whole k x k pixel blocks,
+               k = floor(s), then resamples bilinearly by the rest (< 2x). 5-10x less CPU than "antialias"; fine
+               detail shrunk by less than 2x can alias (a 1-pixel checkerboard does), which "antialias" blurs away.
+  "antialias": PIL's bicubic, antialiased for shrinks (the filter widens with the shrink): the reference.
 """
 from __future__ import annotations
 
 import io
 from typing import NamedTuple, Sequence
 
+import cv2
 import numpy as np
 from PIL import Image
 
 from mm15_jax.config import SplitConfig
 
+# Input workers are the parallelism; OpenCV's own thread pool inside each would oversubscribe their cores.
+cv2.setNumThreads(1)
+
+RESAMPLE_MODES = ("fast", "antialias")
 # CLIP mean in 0..255: padded pixels normalise to ~0.
 PAD_RGB = (123, 117, 104)
-# A resize that shrinks by >= 2 * REDUCING_GAP first averages whole k x k pixel blocks (Image.reduce, k =
-# int(shrink / REDUCING_GAP)), then resamples bicubically by the remaining factor (>= REDUCING_GAP): ~2x less work
-# than one bicubic pass over the full image, e.g. the overview of a page scan. Smaller shrinks are exact bicubic.
+# "antialias": a resize that shrinks by >= 2 * REDUCING_GAP first averages whole k x k pixel blocks (Image.reduce,
+# k = int(shrink / REDUCING_GAP)), then resamples bicubically by the remaining factor (>= REDUCING_GAP): ~2x less
+# work than one bicubic pass over the full image, e.g. the overview of a page scan. Smaller shrinks are exact bicubic.
 REDUCING_GAP = 1.5
+# Decoded by OpenCV straight into numpy (the same libjpeg-turbo / libpng pixels as PIL, tested; PIL's copy into
+# numpy costs as much again as a PNG decode): 8-bit RGB or grey JPEG and PNG whose last bytes are the format's end
+# marker. Everything else (alpha, palettes, CMYK, a truncated file) goes through PIL, which also names the error.
+_CV2_MODES = ("RGB", "L")
+_CV2_END = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xae\x42\x60\x82"}
+_CV2_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION  # PIL does not apply EXIF orientation either
 
 
 class SplitImage(NamedTuple):
@@ -52,6 +69,11 @@ def decode_image(raw: bytes, *, max_pixels: int, where: str = "image") -> np.nda
                        f"data.max_image_pixels={max_pixels}")
     if w < 1 or h < 1:
       raise ValueError(f"{where}: image has an empty size {w}x{h}")
+    end = _CV2_END.get(im.format)
+    if end is not None and im.mode in _CV2_MODES and raw.endswith(end):
+      rgb = cv2.imdecode(np.frombuffer(raw, np.uint8), _CV2_FLAGS)
+      if rgb is not None and rgb.shape == (h, w, 3):
+        return rgb
     try:
       im.load()  # raises on truncated data
       if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
@@ -73,7 +95,7 @@ def fit_size(h: int, w: int, canvas_h: int, canvas_w: int) -> tuple[int, int]:
 
 def candidate_grids(n_min: int, n_max: int) -> list[tuple[int, int]]:
   if not 1 <= n_min <= n_max:
-    raise ValueError(f"split: need 1 <= n_min <= n_max, got n_min={n_min}, n_max={n_max}")
+    raise ValueError(f"data.split: need 1 <= n_min <= n_max, got n_min={n_min}, n_max={n_max}")
   return [(n_h, n_w) for n_h in range(1, n_max + 1) for n_w in range(1, n_max + 1)
           if n_min <= n_h * n_w <= n_max]
 
@@ -98,15 +120,35 @@ def choose_grid(h: int, w: int, tile: int, n_min: int, n_max: int) -> tuple[int,
   return min(no_downscale or downscale)[1]
 
 
-def _fitted(image: np.ndarray, canvas_h: int, canvas_w: int, pil: Image.Image | None = None) -> np.ndarray:
-  """uint8 [h_g, w_g, 3]: `image` resized keeping its aspect ratio to fit the canvas (see REDUCING_GAP). `pil`:
-  the same pixels as a PIL image, when the caller already has them."""
+def resize(image: np.ndarray, h_out: int, w_out: int, resample: str = "fast") -> np.ndarray:
+  """uint8 [h, w, 3] -> [h_out, w_out, 3] with the SplitConfig.resample filter (see the module docstring)."""
   h, w = image.shape[:2]
-  h_g, w_g = fit_size(h, w, canvas_h, canvas_w)
-  if (h_g, w_g) == (h, w):
+  if (h, w) == (h_out, w_out):
     return image
-  pil = Image.fromarray(image) if pil is None else pil
-  return np.asarray(pil.resize((w_g, h_g), Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP))
+  if resample == "antialias":
+    return np.asarray(Image.fromarray(image).resize((w_out, h_out), Image.Resampling.BICUBIC,
+                                                    reducing_gap=REDUCING_GAP))
+  if resample != "fast":
+    raise ValueError(f"data.split.resample must be one of {RESAMPLE_MODES}, got {resample!r}")
+  k = min(h // h_out, w // w_out)  # floor of the shrink
+  if k >= 2:
+    # Exact k x k block means (OpenCV's integer INTER_AREA path). The rows/columns past a multiple of k are
+    # dropped: fewer than k input pixels, less than one output pixel.
+    h, w = h // k, w // k
+    image = cv2.resize(image[:h * k, :w * k], (w, h), interpolation=cv2.INTER_AREA)
+  if (h, w) == (h_out, w_out):
+    return image
+  # Bilinear for the remaining shrink (< 2x: closer to the antialiased filter than bicubic, measured).
+  interpolation = cv2.INTER_LINEAR if h * w > h_out * w_out else cv2.INTER_CUBIC
+  return cv2.resize(image, (w_out, h_out), interpolation=interpolation)
+
+
+def _fitted(image: np.ndarray, canvas_h: int, canvas_w: int, resample: str,
+            source: np.ndarray | None = None) -> np.ndarray:
+  """uint8 [h_g, w_g, 3]: `image` resized keeping its aspect ratio to fit the canvas, resampled from `source` (the
+  same picture at another size, e.g. already fitted to a bigger canvas) when given."""
+  h_g, w_g = fit_size(*image.shape[:2], canvas_h, canvas_w)
+  return resize(image if source is None else source, h_g, w_g, resample)
 
 
 def _pad_into(out: np.ndarray, part: np.ndarray) -> None:
@@ -122,10 +164,10 @@ def _pad_into(out: np.ndarray, part: np.ndarray) -> None:
   rows[h:] = pad_row
 
 
-def fit_and_pad(image: np.ndarray, canvas_h: int, canvas_w: int) -> np.ndarray:
+def fit_and_pad(image: np.ndarray, canvas_h: int, canvas_w: int, resample: str = "fast") -> np.ndarray:
   """uint8 [h, w, 3] -> [canvas_h, canvas_w, 3]: aspect-preserving resize, top-left, padded with PAD_RGB."""
   canvas = np.empty((canvas_h, canvas_w, 3), np.uint8)
-  _pad_into(canvas, _fitted(image, canvas_h, canvas_w))
+  _pad_into(canvas, _fitted(image, canvas_h, canvas_w, resample))
   return canvas
 
 
@@ -138,26 +180,38 @@ def _cut_into(tiles: np.ndarray, fitted: np.ndarray, grid: tuple[int, int]) -> N
       _pad_into(tiles[i * n_w + j], fitted[i * tile:(i + 1) * tile, j * tile:(j + 1) * tile])
 
 
+def check_split_config(cfg: SplitConfig) -> None:
+  """A ValueError naming the data.split key that holds a value splitting does not know."""
+  if cfg.mode not in ("none", "static", "dynamic"):
+    raise ValueError(f"data.split.mode must be 'none', 'static' or 'dynamic', got {cfg.mode!r}")
+  if cfg.resample not in RESAMPLE_MODES:
+    raise ValueError(f"data.split.resample must be one of {RESAMPLE_MODES}, got {cfg.resample!r}")
+  if cfg.mode == "dynamic":
+    candidate_grids(cfg.n_min, cfg.n_max)  # raises on an empty range
+
+
 def split_image(image: np.ndarray, cfg: SplitConfig, *, tile_size: int | None = None,
                 n_max: int | None = None, allow_split: bool = True) -> SplitImage:
   """One decoded image -> its tiles. `n_max` overrides cfg.n_max (inference may use more tiles)."""
   tile = tile_size or cfg.tile_size
-  if cfg.mode not in ("none", "static", "dynamic"):
-    raise ValueError(f"split.mode must be 'none', 'static' or 'dynamic', got {cfg.mode!r}")
+  check_split_config(cfg)
   if cfg.mode == "none" or not allow_split:
-    return SplitImage(fit_and_pad(image, tile, tile)[None], None, False)
+    return SplitImage(fit_and_pad(image, tile, tile, cfg.resample)[None], None, False)
   if cfg.mode == "static":
     grid = (cfg.static_grid, cfg.static_grid)
   else:
     h, w = image.shape[:2]
     grid = choose_grid(h, w, tile, cfg.n_min, cfg.n_max if n_max is None else n_max)
   n = grid[0] * grid[1]
-  pil = Image.fromarray(image)  # converted once for both resizes
   # Grid tiles and the overview written straight into the returned array.
   tiles = np.empty((n + int(cfg.overview), tile, tile, 3), np.uint8)
-  _cut_into(tiles[:n], _fitted(image, grid[0] * tile, grid[1] * tile, pil), grid)
+  fitted = _fitted(image, grid[0] * tile, grid[1] * tile, cfg.resample)
+  _cut_into(tiles[:n], fitted, grid)
   if cfg.overview:
-    _pad_into(tiles[n], _fitted(image, tile, tile, pil))
+    # "fast" shrinks the overview from whichever of the image and its grid fit has fewer pixels (a page scan's
+    # grid fit is ~2.7x smaller); "antialias" always from the image, as its reference.
+    smaller = cfg.resample == "fast" and fitted.size < image.size
+    _pad_into(tiles[n], _fitted(image, tile, tile, cfg.resample, fitted if smaller else None))
   return SplitImage(tiles, grid, cfg.overview)
 
 

@@ -29,6 +29,7 @@ import grain
 import numpy as np
 
 from mm15_jax.config import DataConfig
+from mm15_jax.data import images as images_lib
 from mm15_jax.data import mixture as mixture_lib
 from mm15_jax.data import samples as samples_lib
 from mm15_jax.data.tokenizer import Tokenizer
@@ -391,6 +392,7 @@ def make_dataset(data_cfg: DataConfig, *, sources: Mapping[str, Sequence[dict]],
                      f"the number of sources ({len(names)}: {names})")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
+  images_lib.check_split_config(data_cfg.split)
   if data_cfg.split.tile_size != tile_size:
     logging.info("data: tile size %d (stage image_size) overrides data.split.tile_size=%d", tile_size,
                  data_cfg.split.tile_size)
