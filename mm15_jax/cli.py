@@ -87,7 +87,7 @@ def cmd_aot(a):
   exp = load_experiment(a.config, a.arg, a.set)
   try:
     aot.command(exp, a.stage.split(",") if a.stage else [], a.topology, a.num_slices, a.json,
-                overrides=tuple(a.set or ()))
+                overrides=tuple(a.set or ()), fit=a.fit)
   except (RuntimeError, ValueError) as e:
     raise SystemExit(f"mm15 aot: {e}") from e
 
@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None):
   p.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (sets mesh.dcn_data)")
   p.add_argument("--stage", default="", help="comma-separated stage names (default: all)")
   p.add_argument("--json", default="", help="append each report to this file as a JSON line")
+  p.add_argument("--fit", default="", choices=["", "grad_accum", "remat"],
+                 help="per stage, compile this knob's settings in order until one fits the chip's HBM")
   p.set_defaults(fn=cmd_aot)
 
   p = sub.add_parser("eval", help="evaluate a checkpoint on benchmarks; `mm15 eval import` converts benchmarks")

@@ -102,3 +102,55 @@ def test_refused_compile_reports_does_not_fit():
   assert r.temp_bytes > r.hbm_bytes and r.total_bytes > r.temp_bytes
   text = aot.format_report(r)
   assert "DOES NOT FIT" in text and "the compiler refused it" in text and "FLOPs" not in text
+
+
+def test_fit_candidates():
+  exp = cli.load_experiment("tiny", [], SMALL + ["stages.pretrain.batch_size=32"])
+  import jax
+  # 32 rows over 8 data devices: 4 per device, so grad_accum 1, 2, 4.
+  assert aot.fit_candidates(exp, 0, "grad_accum", jax.devices()) == [
+      "stages.pretrain.grad_accum=1", "stages.pretrain.grad_accum=2", "stages.pretrain.grad_accum=4"]
+  assert aot.fit_candidates(exp, 0, "remat", jax.devices()) == ["model.remat=none", "model.remat=dots",
+                                                                 "model.remat=full"]
+  with pytest.raises(ValueError, match="--fit 'batch'"):
+    aot.fit_candidates(exp, 0, "batch", jax.devices())
+
+
+def _fake_compile(fits_from_accum):
+  """compile_train_step stand-in: fits (on a 16 GiB chip) from grad_accum >= fits_from_accum; records calls."""
+  calls = []
+
+  def compile_train_step(exp, index, topology, num_slices=1):
+    accum = exp.stages[index].grad_accum
+    calls.append(accum)
+    total = (8 if accum >= fits_from_accum else 20) << 30
+    return None, aot.AotReport(
+        topology=topology, device_kind="TPU v5 lite", num_devices=8, mesh={"data": 8}, stage=exp.stages[index].name,
+        batch_shapes={"tokens": (8, 64), "images": (8, 2, 32, 32, 3)}, params_bytes=0, opt_state_bytes=0,
+        batch_bytes=0, temp_bytes=total, code_bytes=0, total_bytes=total, flops=1.0,
+        hbm_bytes=aot.HBM_BYTES["TPU v5 lite"] if topology != "cpu" else None)
+  return compile_train_step, calls
+
+
+def test_fit_search_stops_at_the_first_that_fits(monkeypatch, tmp_path):
+  import json
+  exp = cli.load_experiment("tiny", [], SMALL + ["stages.pretrain.batch_size=64"])  # 8 rows per CPU device
+  fake, calls = _fake_compile(fits_from_accum=4)
+  monkeypatch.setattr(aot, "compile_train_step", fake)
+  logged = []
+  out = tmp_path / "aot.jsonl"
+  reports = aot.command(exp, ["pretrain"], "v5e:2x4", json_path=str(out), overrides=("mesh.data=8",),
+                        fit="grad_accum", log=logged.append)
+  assert calls == [1, 2, 4] and [r.fits for r in reports] == [False, False, True]
+  assert "stage pretrain fits with --set stages.pretrain.grad_accum=4 (8.00 of 16.00 GiB per chip)" in logged[-1]
+  lines = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [line["overrides"] for line in lines] == [["mesh.data=8", f"stages.pretrain.grad_accum={g}"]
+                                                   for g in (1, 2, 4)]
+  assert exp.stages[0].grad_accum == 1  # candidates are copies
+
+  fake, calls = _fake_compile(fits_from_accum=16)
+  monkeypatch.setattr(aot, "compile_train_step", fake)
+  aot.command(exp, ["pretrain"], "v5e:2x4", fit="grad_accum", log=logged.append)
+  assert calls == [1, 2, 4, 8] and "fits with none of" in logged[-1]
+  with pytest.raises(ValueError, match="--fit needs a chip whose HBM is known"):
+    aot.command(exp, ["pretrain"], "cpu", fit="grad_accum", log=logged.append)

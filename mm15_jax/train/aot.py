@@ -2,6 +2,7 @@
 
     mm15 aot --config mm15 --arg size=3b --stage pretrain --topology v5p:4x4x4
     mm15 aot --config tiny --topology cpu          # the local devices (CPU here)
+    mm15 aot --config mm15 --arg size=3b --stage sft --topology v5p:4x4x4 --fit grad_accum   # first that fits
 
 The step, state shardings and batch shapes are exactly those of `mm15 train` (runner.make_train_step, the
 configured mesh, the stage's batch size, sequence length, image slots and tile size); nothing is allocated. TPU
@@ -9,6 +10,7 @@ topologies need libtpu (`pip install 'jax[tpu]==<jax version>'`), which compiles
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mm15_jax import sharding
+from mm15_jax import config as config_lib
 from mm15_jax.config import Experiment
 from mm15_jax.data import pipeline as pipeline_lib
 from mm15_jax.train import optim
@@ -33,6 +36,10 @@ GIB = 1 << 30
 HBM_BYTES = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5": 95 * GIB, "TPU v5p": 95 * GIB,
              "TPU v6 lite": 32 * GIB}
 MEGACORE = ("v4", "v5p", "v5")  # topology prefixes whose two TensorCores act as one device
+# `--fit` knobs, each tried from the config's own value in order of falling activation memory. grad_accum keeps the
+# global batch (a recipe setting) and halves the rows per chip each step; remat trades recompute for memory.
+FIT_KNOBS = ("grad_accum", "remat")
+REMAT_ORDER = ("none", "dots", "full")
 
 
 @dataclasses.dataclass
@@ -210,10 +217,29 @@ def format_report(r: AotReport) -> str:
   return "\n".join(lines)
 
 
+def fit_candidates(exp: Experiment, index: int, knob: str, devices) -> list[str]:
+  """The overrides `--fit knob` tries for stage `index`, in order: grad_accum doubling from the stage's value while
+  it divides the rows each device holds; remat from the model's setting to "full"."""
+  stage = exp.stages[index]
+  if knob == "grad_accum":
+    mesh = sharding.make_mesh(exp.mesh, devices)
+    rows = stage.batch_size // math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)  # per device
+    values = [g for g in (stage.grad_accum * 2 ** i for i in range(16)) if g <= rows and rows % g == 0]
+    return [f"stages.{stage.name}.grad_accum={g}" for g in values]
+  if knob == "remat":
+    if exp.model.remat not in REMAT_ORDER:
+      raise ValueError(f"config key model.remat={exp.model.remat!r}: expected one of {REMAT_ORDER}")
+    return [f"model.remat={r}" for r in REMAT_ORDER[REMAT_ORDER.index(exp.model.remat):]]
+  raise ValueError(f"--fit {knob!r}: expected one of {FIT_KNOBS}")
+
+
 def command(exp: Experiment, stages: list[str], topology: str, num_slices: int = 1, json_path: str = "",
-            overrides: tuple[str, ...] = (), log=print) -> list[AotReport]:
+            overrides: tuple[str, ...] = (), fit: str = "", log=print) -> list[AotReport]:
   """Compiles and reports every named stage (all when `stages` is empty); each report is appended to `json_path`
-  as one JSON line (with the experiment's name and the config `overrides` it was built with) when given."""
+  as one JSON line (with the experiment's name and the config `overrides` it was built with) when given.
+
+  `fit` (a FIT_KNOBS name): per stage, compiles the knob's candidates in order and stops at the first that fits
+  the chip's HBM, logging the override that does (or that none does)."""
   names = [s.name for s in exp.stages]
   unknown = sorted(set(stages) - set(names))
   if unknown:
@@ -222,11 +248,26 @@ def command(exp: Experiment, stages: list[str], topology: str, num_slices: int =
   for i, stage in enumerate(exp.stages):
     if stages and stage.name not in stages:
       continue
-    _, report = compile_train_step(exp, i, topology, num_slices)
-    log(format_report(report))
-    reports.append(report)
-    if json_path:
-      with open(json_path, "a") as f:
-        f.write(json.dumps({"experiment": exp.name, "overrides": list(overrides), **dataclasses.asdict(report),
-                            "fits": report.fits}) + "\n")
+    tries = fit_candidates(exp, i, fit, topology_devices(topology, num_slices)) if fit else [""]
+    for n, extra in enumerate(tries):
+      exp_here = config_lib.override(copy.deepcopy(exp), [extra]) if extra else exp
+      if fit:
+        log(f"--fit {fit}: stage {stage.name}, try {n + 1} of {len(tries)}: {extra}")
+      _, report = compile_train_step(exp_here, i, topology, num_slices)
+      log(format_report(report))
+      reports.append(report)
+      if json_path:
+        with open(json_path, "a") as f:
+          f.write(json.dumps({"experiment": exp.name, "overrides": list(overrides) + ([extra] if extra else []),
+                              **dataclasses.asdict(report), "fits": report.fits}) + "\n")
+      if fit and report.fits is None:
+        raise ValueError(f"--fit needs a chip whose HBM is known ({sorted(HBM_BYTES)}); {report.device_kind} "
+                         f"is not one: give a TPU --topology")
+      if fit and report.fits:
+        log(f"--fit {fit}: stage {stage.name} fits with --set {extra} "
+            f"({report.total_bytes / GIB:.2f} of {report.hbm_bytes / GIB:.2f} GiB per chip)")
+        break
+    else:
+      if fit:
+        log(f"--fit {fit}: stage {stage.name} fits with none of {tries}: a larger slice, or another knob")
   return reports
