@@ -129,7 +129,10 @@ class _Builder:
       self.ids.append(self.tok.eos_id)
       self.mask.append(1)
     s = self.spec.tile_size
-    tiles = np.concatenate(self.tiles, 0) if self.tiles else np.zeros((0, s, s, 3), np.uint8)
+    if len(self.tiles) == 1:
+      tiles = self.tiles[0]  # most samples have one image: no copy of its tiles
+    else:
+      tiles = np.concatenate(self.tiles, 0) if self.tiles else np.zeros((0, s, s, 3), np.uint8)
     if len(self.ids) > max_ids:
       raise ValueError(f"{self.where}: over-long sample, {len(self.ids) - 1} tokens > seq_len {max_ids - 1}")
     if len(tiles) > self.spec.max_images:
