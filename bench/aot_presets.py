@@ -1,7 +1,7 @@
 """Per-chip memory of every paper-size preset and stage, from ahead-of-time compiles for a TPU slice.
 
     python bench/aot_presets.py --out bench/results/aot_presets.jsonl            # compile what is missing
-    python bench/aot_presets.py --out bench/results/aot_presets.jsonl --table    # print the markdown table
+    python bench/aot_presets.py --out bench/results/aot_presets.jsonl --table    # print the markdown tables
 
 Each (preset, stage) compiles in its own `mm15 aot` process (a compile of the 30B step holds tens of GB of host
 memory; a fresh process returns it), appending one JSON line to --out; rows already there are skipped, so an
@@ -49,10 +49,9 @@ def table(rows: list[dict]) -> str:
   lines = ["| preset | stage | slice | mesh, other settings | batch (global) | params | opt state | activations | "
            "total | HBM | fits | compile |", "|" + "---|" * 12]
   order = lambda r: (PRESETS.index(r["experiment"].removeprefix("mm15-")), STAGES.index(r["stage"]),
-                     len(r.get("overrides", ())))
+                     len(_extra(r)), _grad_accum(r))
   for r in sorted(rows, key=order):
-    extra = [o for o in r.get("overrides", DEFAULT_SLICE[1]) if not o.startswith("mesh.")]
-    mesh = " ".join([f"{k}={v}" for k, v in r["mesh"].items() if v > 1] + extra)
+    mesh = " ".join([f"{k}={v}" for k, v in r["mesh"].items() if v > 1] + _extra(r))
     batch = "x".join(map(str, r["batch_shapes"]["tokens"]))
     img = r["batch_shapes"]["images"]
     lines.append(
@@ -61,6 +60,39 @@ def table(rows: list[dict]) -> str:
         f"{gib(r['temp_bytes'])} | {gib(r['total_bytes'])} | {gib(r['hbm_bytes'])} | "
         f"{'yes' if r['fits'] else 'NO' + (' (refused)' if r.get('out_of_memory') else '')} | "
         f"{r['compile_s'] / 60:.1f} min |")
+  return "\n".join(lines)
+
+
+def _extra(r: dict) -> list[str]:
+  """The row's overrides beyond the mesh, `stages.<stage>.` dropped (e.g. ["grad_accum=2"])."""
+  return [o.removeprefix(f"stages.{r['stage']}.") for o in r.get("overrides", DEFAULT_SLICE[1])
+          if not o.startswith("mesh.")]
+
+
+def _grad_accum(r: dict) -> int:
+  return next((int(o.split("=")[1]) for o in _extra(r) if o.startswith("grad_accum=")), 1)
+
+
+def summary(rows: list[dict]) -> str:
+  """Preset x stage: the setting that fits with the fewest rows split off per step (lowest grad_accum), or NO with
+  the closest miss; '-' where nothing was compiled."""
+  stages = [st for st in STAGES if any(r["stage"] == st for r in rows)]
+  lines = ["| preset | " + " | ".join(stages) + " |", "|" + "---|" * (len(stages) + 1)]
+  for preset in PRESETS:
+    cells = []
+    for stage in stages:
+      here = [r for r in rows if r["experiment"] == f"mm15-{preset}" and r["stage"] == stage]
+      fitting = sorted((r for r in here if r["fits"]), key=lambda r: (_grad_accum(r), len(_extra(r))))
+      if fitting:
+        r = fitting[0]
+        cells.append(f"{' '.join(_extra(r)) or 'as is'}: {r['total_bytes'] / 2**30:.1f} GiB")
+      elif here:
+        r = min(here, key=lambda r: r["total_bytes"])
+        cells.append(f"NO (closest: {' '.join(_extra(r)) or 'as is'}, {r['total_bytes'] / 2**30:.1f} GiB)")
+      else:
+        cells.append("-")
+    if any(c != "-" for c in cells):
+      lines.append(f"| {preset} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -74,10 +106,11 @@ def main(argv=None):
   p.add_argument("--per-stage", action="append", default=[],
                  help="override with STAGE replaced by the stage's name, e.g. stages.STAGE.grad_accum=2")
   p.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
-  p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
+  p.add_argument("--table", action="store_true", help="print the markdown tables of --out and exit")
   a = p.parse_args(argv)
   if a.table:
-    print(table(load(a.out)))
+    rows = load(a.out)
+    print(summary(rows), "", table(rows), sep="\n")
     return
   os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
   sets = DEFAULT_SLICE[1] if a.set is None else a.set
