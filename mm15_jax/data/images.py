@@ -13,7 +13,7 @@ every tile. A sample with more than `max_images_to_split` images is not split: e
 
 Resampling (SplitConfig.resample), measured in BENCHMARKS.md section 2:
   "fast":      enlargements bicubic (OpenCV, a = -0.75); a shrink by s first averages whole k x k pixel blocks,
-               k = floor(s), then resamples bilinearly by the rest (< 2x). 5-10x less CPU than "antialias"; fine
+               k = floor(s), then resamples bilinearly by the rest (< 2x). 5-10x less CPU per resize; fine
                detail shrunk by less than 2x can alias (a 1-pixel checkerboard does), which "antialias" blurs away.
   "antialias": PIL's bicubic, antialiased for shrinks (the filter widens with the shrink): the reference.
 """
@@ -38,8 +38,8 @@ PAD_RGB = (123, 117, 104)
 # k = int(shrink / REDUCING_GAP)), then resamples bicubically by the remaining factor (>= REDUCING_GAP): ~2x less
 # work than one bicubic pass over the full image, e.g. the overview of a page scan. Smaller shrinks are exact bicubic.
 REDUCING_GAP = 1.5
-# Decoded by OpenCV straight into numpy (the same libjpeg-turbo / libpng pixels as PIL, tested; PIL's copy into
-# numpy costs as much again as a PNG decode): 8-bit RGB or grey JPEG and PNG whose last bytes are the format's end
+# Decoded by OpenCV straight into numpy (the same libjpeg-turbo / libpng pixels as PIL, tested; faster than PIL's
+# decode, and no copy into numpy after it): 8-bit RGB or grey JPEG and PNG whose last bytes are the format's end
 # marker. Everything else (alpha, palettes, CMYK, a truncated file) goes through PIL, which also names the error.
 _CV2_MODES = ("RGB", "L")
 _CV2_END = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xae\x42\x60\x82"}
