@@ -28,7 +28,7 @@ class ConvNorm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x_BHWC):
-    return self.norm(jnp.einsum("bhwc,cd->bhwd", x_BHWC, self.kernel[...].astype(self.dtype)))
+    return self.norm(layers.project(x_BHWC, self.kernel[...].astype(self.dtype)))
 
 
 class Bottleneck(nnx.Module):

@@ -32,7 +32,7 @@ from flax import nnx
 from mm15_jax.config import DecoderConfig
 from mm15_jax.models import layers
 from mm15_jax.models.moe import MoEFeedForward
-from mm15_jax.sharding import constrain, current_mesh
+from mm15_jax.sharding import constrain
 
 ACT = ("batch", "length", "embed")
 NEG_INF = float(jnp.finfo(jnp.float32).min)
@@ -77,10 +77,7 @@ def resolve_attention_impl(impl: str | None = None, platform: str | None = None)
     raise ValueError(f"attention implementation {impl!r} (env MM15_ATTENTION) is not one of {ATTENTION_IMPLS}")
   if impl != "auto":
     return impl
-  if platform is None:
-    mesh = current_mesh()
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-  return "blocked" if platform == "cpu" else "dense"
+  return "blocked" if (platform or layers.mesh_platform()) == "cpu" else "dense"
 
 
 def attend(q_BTHK, k_BSGK, v_BSGK, mask_BTS, dtype, *, causal: bool = False, impl: str | None = None,
@@ -188,7 +185,7 @@ class Attention(nnx.Module):
 
   def qkv(self, x_BTD, positions_BT):
     dt = self.dtype
-    proj = lambda w: jnp.einsum("btd,dhk->bthk", x_BTD, w[...].astype(dt))
+    proj = lambda w: layers.project(x_BTD, w[...].astype(dt))  # [B, T, heads, head_dim]
     q, k, v = proj(self.q), proj(self.k), proj(self.v)
     if self.use_bias:
       q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
@@ -198,7 +195,7 @@ class Attention(nnx.Module):
     return q, k, v
 
   def out(self, o_BTHK):
-    return jnp.einsum("bthk,hkd->btd", o_BTHK, self.o[...].astype(self.dtype))
+    return layers.project(o_BTHK, self.o[...].astype(self.dtype), n_contract=2)
 
   def __call__(self, x_BTD, positions_BT, mask_BTS, *, causal: bool = False):
     """Self-attention over the given tokens; also returns (k, v) for a cache. causal: see `attend`."""
@@ -309,11 +306,9 @@ class Decoder(nnx.Module):
   def logits(self, x_BTD):
     x_BTD = self.final_norm(x_BTD)
     if self.lm_head is None:
-      out = jnp.einsum("btd,vd->btv", x_BTD, self.embedding[...].astype(self.dtype),
-                       preferred_element_type=jnp.float32)
+      out = layers.project(x_BTD, self.embedding[...].astype(self.dtype).T, preferred_element_type=jnp.float32)
     else:
-      out = jnp.einsum("btd,dv->btv", x_BTD, self.lm_head[...].astype(self.dtype),
-                       preferred_element_type=jnp.float32)
+      out = layers.project(x_BTD, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
     return constrain(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
   def _mean_aux(self, aux_U):

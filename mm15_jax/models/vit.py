@@ -39,7 +39,7 @@ class VitAttention(nnx.Module):
 
   def __call__(self, x_BLD):
     dt = self.dtype
-    proj = lambda w, b: jnp.einsum("bld,dhk->blhk", x_BLD, w[...].astype(dt)) + b[...].astype(dt)
+    proj = lambda w, b: layers.project(x_BLD, w[...].astype(dt)) + b[...].astype(dt)  # [B, L, heads, head_dim]
     q_BLHK = proj(self.q, self.q_bias)
     k_BLHK = proj(self.k, self.k_bias)
     v_BLHK = proj(self.v, self.v_bias)
@@ -47,7 +47,7 @@ class VitAttention(nnx.Module):
     logits_BHLM = jnp.einsum("blhk,bmhk->bhlm", q_BLHK * scale, k_BLHK, preferred_element_type=jnp.float32)
     probs_BHLM = jax.nn.softmax(logits_BHLM, axis=-1).astype(dt)
     out_BLHK = jnp.einsum("bhlm,bmhk->blhk", probs_BHLM, v_BLHK)
-    return jnp.einsum("blhk,hkd->bld", out_BLHK, self.o[...].astype(dt)) + self.o_bias[...].astype(dt)
+    return layers.project(out_BLHK, self.o[...].astype(dt), n_contract=2) + self.o_bias[...].astype(dt)
 
 
 class VitBlock(nnx.Module):

@@ -1,0 +1,51 @@
+"""layers.project: the same values and gradients whichever way it contracts; on CPU no transposed copies."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mm15_jax.models import layers
+
+
+@pytest.mark.parametrize("x_shape, w_shape, n_contract", [
+    ((2, 5, 8), (8, 6), 1),            # [B, T, D] @ [D, F]
+    ((2, 5, 8), (8, 3, 4), 1),         # [B, T, D] @ [D, heads, head_dim]
+    ((2, 5, 3, 4), (3, 4, 8), 2),      # [B, T, heads, head_dim] @ [heads, head_dim, D]
+    ((2, 3, 3, 8), (8, 6), 1),         # [B, H, W, C] @ [C, D]
+])
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_project_matches_einsum(x_shape, w_shape, n_contract, platform, monkeypatch):
+  monkeypatch.setattr(layers, "mesh_platform", lambda: platform)  # "tpu": the tensordot path, traced here on CPU
+  kx, kw = jax.random.split(jax.random.PRNGKey(0))
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  letters = "abcdefgh"
+  xs, ws = letters[:len(x_shape)], letters[len(x_shape) - n_contract:len(x_shape) - n_contract + len(w_shape)]
+  spec = f"{xs},{ws}->{xs[:-n_contract]}{ws[n_contract:]}"
+  reference = lambda x, w: (jnp.einsum(spec, x, w, precision="highest") ** 2).sum()
+  ours = lambda x, w: (layers.project(x, w, n_contract, precision="highest") ** 2).sum()
+  np.testing.assert_allclose(layers.project(x, w, n_contract, precision="highest"),
+                             jnp.einsum(spec, x, w, precision="highest"), rtol=1e-6, atol=1e-6)
+  for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  out = layers.project(x, w, n_contract, preferred_element_type=jnp.float32)
+  assert out.shape == x_shape[:-n_contract] + w_shape[n_contract:] and out.dtype == jnp.float32
+
+
+def test_cpu_ffn_gradient_has_no_transposed_copies():
+  """The reason for the CPU path: a [B, T, D] SwiGLU's weight gradients contract over B and T; written as 3-D
+  einsums XLA:CPU transposes the [B, T, F] operands first (kept here as the control), merged it does not."""
+  graphdef, params = nnx.split(layers.SwiGLU(16, 48, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+  x = jnp.ones((2, 32, 16))
+
+  def loss_einsum(p, x):
+    h = jax.nn.silu(jnp.einsum("btd,df->btf", x, p["gate"][...])) * jnp.einsum("btd,df->btf", x, p["up"][...])
+    return (jnp.einsum("btf,fd->btd", h, p["down"][...]) ** 2).sum()
+
+  loss_ours = lambda p, x: (nnx.merge(graphdef, p)(x) ** 2).sum()
+  transposes = lambda f: jax.jit(jax.grad(f)).lower(params, x).compile().as_text().count(" transpose(")
+  assert transposes(loss_einsum) > 0
+  assert transposes(loss_ours) == 0
+  got, want = jax.grad(loss_ours)(params, x), jax.grad(loss_einsum)(params, x)
+  for name in ("gate", "up", "down"):
+    np.testing.assert_allclose(got[name][...], want[name][...], rtol=1e-5, atol=1e-5)
