@@ -30,9 +30,9 @@ def mesh_platform() -> str:
 def project(x, w, n_contract: int = 1, **dot_kwargs):
   """x [..., *in] @ w [*in, *out] -> [..., *out]: the last `n_contract` axes of x against the first of w.
 
-  On CPU, x's leading axes are merged into one first: a weight gradient contracting over several axes (batch and
-  length) is lowered by XLA:CPU with a transposed copy of each operand; merged, an FFN's forward + backward takes
-  0.58x the time (bench/train_step.py, BENCHMARKS.md). Other platforms get the einsum as written.
+  On CPU, x's leading axes are merged into one first: XLA:CPU lowers a weight gradient that contracts over several
+  axes (batch and length) with a transposed copy of the activation gradient; merged, a 4-layer SwiGLU stack's
+  forward + backward took 0.58x the time (BENCHMARKS.md section 1). Other platforms get the plain tensordot.
   """
   if mesh_platform() != "cpu":
     return jnp.tensordot(x, w, axes=n_contract, **dot_kwargs)
