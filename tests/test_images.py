@@ -1,5 +1,8 @@
 import dataclasses
 import io
+import platform
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -331,3 +334,32 @@ def test_truncated_jpeg_and_exif_orientation():
   decoded = images.decode_image(buf.getvalue(), max_pixels=10**5)
   assert decoded.shape == (64, 96, 3)
   np.testing.assert_array_equal(decoded, np.asarray(Image.open(io.BytesIO(buf.getvalue()))))
+
+
+_FAULTS_SCRIPT = """
+import resource, sys
+import numpy as np
+from mm15_jax.data import images
+if sys.argv[1] == "heap":
+  assert images.keep_buffers_in_heap() and images.keep_buffers_in_heap()  # once per process; stays in effect
+rng, window = np.random.default_rng(0), []
+def step():  # a pipeline's pattern: image-sized buffers (1-15 MB), each written whole, 16 alive at a time
+  window.append(np.ones(int(rng.integers(1 << 20, 15 << 20)), np.uint8))
+  del window[:-16]
+for _ in range(400):
+  step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(100):
+  step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_buffers_in_heap_reuse_their_pages():
+  """Freed image buffers are reused from the heap instead of being mapped, faulted in and zeroed afresh."""
+  def page_faults(mode):
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
+    return int(out.stdout)
+  fresh, heap = page_faults("default"), page_faults("heap")
+  assert fresh > 200 and heap * 10 < fresh, (fresh, heap)

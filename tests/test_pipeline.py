@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mm15_jax.config import DataConfig, SplitConfig
-from mm15_jax.data import mixture, pipeline, samples
+from mm15_jax.data import images, mixture, pipeline, samples
 from fixtures import corpus_dir  # noqa: F401 (fixture)
 
 T, S = 2, 8  # tokens per tile, tile size
@@ -318,8 +318,9 @@ def test_best_fit_places_each_sample_in_the_tightest_row():
 
   def unit(length, n_tiles=0):
     ids = np.arange(length + 1, dtype=np.int32)
-    return {"samples": [(ids, np.ones(length + 1, np.float32), np.zeros((n_tiles, 1, 1, 3), np.uint8), 0)],
-            "bad": []}
+    pixel = images.SplitImage(None, False, 1, np.zeros((1, 1, 3), np.uint8), None)  # one unsplit 1 px tile
+    sample = samples.Sample(ids, np.ones(length + 1, np.float32), (pixel,) * n_tiles, 1)
+    return {"samples": [(sample, 0)], "bad": []}
 
   for length in (5, 6):
     assert rows.place(unit(length))

@@ -19,7 +19,9 @@ Resampling (SplitConfig.resample), measured in BENCHMARKS.md section 2:
 """
 from __future__ import annotations
 
+import ctypes
 import io
+import platform
 from typing import NamedTuple, Sequence
 
 import cv2
@@ -46,11 +48,57 @@ _CV2_END = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xae\x42\x60\x82"}
 _CV2_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION  # PIL does not apply EXIF orientation either
 
 
+# glibc mallopt parameters (malloc.h) and the values `keep_buffers_in_heap` sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 << 20    # glibc's largest: a decoded photo, a grid canvas and a sample's tiles are all below it
+_TRIM_THRESHOLD = 1 << 30     # freed heap memory kept for the next samples before any is returned to the system
+_buffers_in_heap = False
+
+
+def keep_buffers_in_heap() -> bool:
+  """Serve this process's image-sized allocations from a heap that keeps freed memory (glibc; once per process).
+
+  By default glibc maps every allocation above 128 KiB-32 MiB afresh and unmaps it when freed, so each decoded image,
+  canvas and tile array (1-15 MB) costs page faults and kernel zeroing on first touch: about a fifth of the
+  pipeline's CPU time on 672 px tiles (BENCHMARKS.md section 2). With a fixed mmap threshold of 32 MiB and a trim
+  threshold of 1 GiB the same heap pages are reused sample after sample. Returns whether the setting is in effect
+  (False on other C libraries, where nothing is changed).
+  """
+  global _buffers_in_heap
+  if not _buffers_in_heap and platform.libc_ver()[0] == "glibc":
+    libc = ctypes.CDLL(None)
+    _buffers_in_heap = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+                            and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+  return _buffers_in_heap
+
+
 class SplitImage(NamedTuple):
-  """Tiles of one image, in the order their placeholders appear in the text."""
-  tiles: np.ndarray                # uint8 [n, S, S, 3]; row-major grid tiles, then the overview if any
-  grid: tuple[int, int] | None     # (n_h, n_w); None: not split (one tile = the whole image)
-  overview: bool                   # whether the last tile is the overview
+  """One image's tiles, in the order their placeholders appear in the text, kept as the resized pictures they are
+  cut from: `write_tiles` pads and cuts them straight into a batch's tile slots, so each tile pixel is written once
+  after resizing (a sample's 5-10 tiles of 672 px are 7-14 MB)."""
+  grid: tuple[int, int] | None       # (n_h, n_w); None: not split (one tile = the whole image)
+  overview: bool                     # whether the last tile is the overview
+  tile_size: int                     # S
+  fitted: np.ndarray                 # uint8 [h, w, 3]: fitted (unpadded) into the grid canvas, or the one tile
+  overview_fitted: np.ndarray | None  # uint8 [h_o, w_o, 3]: fitted into one tile, when `overview`
+
+  @property
+  def n_tiles(self) -> int:
+    return (1 if self.grid is None else self.grid[0] * self.grid[1]) + int(self.overview)
+
+  def write_tiles(self, out: np.ndarray) -> None:
+    """out uint8 [n_tiles, S, S, 3], each tile C-contiguous = row-major grid tiles, then the overview if any."""
+    n = self.n_tiles - int(self.overview)
+    _cut_into(out[:n], self.fitted, self.grid or (1, 1))
+    if self.overview:
+      _pad_into(out[n], self.overview_fitted)
+
+  @property
+  def tiles(self) -> np.ndarray:
+    """uint8 [n_tiles, S, S, 3] (a new array)."""
+    out = np.empty((self.n_tiles, self.tile_size, self.tile_size, 3), np.uint8)
+    self.write_tiles(out)
+    return out
 
 
 def decode_image(raw: bytes, *, max_pixels: int, where: str = "image") -> np.ndarray:
@@ -172,8 +220,8 @@ def fit_and_pad(image: np.ndarray, canvas_h: int, canvas_w: int, resample: str =
 
 
 def _cut_into(tiles: np.ndarray, fitted: np.ndarray, grid: tuple[int, int]) -> None:
-  """tiles uint8 [n_h*n_w, S, S, 3] = the row-major tiles of `fitted` padded to the (n_h*S, n_w*S) canvas, each
-  written once (no intermediate canvas)."""
+  """tiles uint8 [n_h*n_w, S, S, 3] = the row-major tiles of `fitted` padded to the (n_h*S, n_w*S) canvas (no
+  intermediate canvas)."""
   (n_h, n_w), tile = grid, tiles.shape[1]
   for i in range(n_h):
     for j in range(n_w):
@@ -196,23 +244,20 @@ def split_image(image: np.ndarray, cfg: SplitConfig, *, tile_size: int | None = 
   tile = tile_size or cfg.tile_size
   check_split_config(cfg)
   if cfg.mode == "none" or not allow_split:
-    return SplitImage(fit_and_pad(image, tile, tile, cfg.resample)[None], None, False)
+    return SplitImage(None, False, tile, _fitted(image, tile, tile, cfg.resample), None)
   if cfg.mode == "static":
     grid = (cfg.static_grid, cfg.static_grid)
   else:
     h, w = image.shape[:2]
     grid = choose_grid(h, w, tile, cfg.n_min, cfg.n_max if n_max is None else n_max)
-  n = grid[0] * grid[1]
-  # Grid tiles and the overview written straight into the returned array.
-  tiles = np.empty((n + int(cfg.overview), tile, tile, 3), np.uint8)
   fitted = _fitted(image, grid[0] * tile, grid[1] * tile, cfg.resample)
-  _cut_into(tiles[:n], fitted, grid)
+  overview = None
   if cfg.overview:
     # "fast" shrinks the overview from whichever of the image and its grid fit has fewer pixels (a page scan's
     # grid fit is ~2.7x smaller); "antialias" always from the image, as its reference.
     smaller = cfg.resample == "fast" and fitted.size < image.size
-    _pad_into(tiles[n], _fitted(image, tile, tile, cfg.resample, fitted if smaller else None))
-  return SplitImage(tiles, grid, cfg.overview)
+    overview = _fitted(image, tile, tile, cfg.resample, fitted if smaller else None)
+  return SplitImage(grid, cfg.overview, tile, fitted, overview)
 
 
 def split_images(images: Sequence[np.ndarray], cfg: SplitConfig, *, tile_size: int | None = None,

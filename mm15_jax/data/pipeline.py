@@ -97,7 +97,7 @@ class _UnitSampler:
 
 
 class _UnitMaker:
-  """Unit index -> {"samples": [(ids, loss_mask, tiles, source_id)], "bad": [(source, index, reason)], "seen"}."""
+  """Unit index -> {"samples": [(Sample, source_id)], "bad": [(source, index, reason)], "seen"}."""
 
   def __init__(self, names, sources, sampler, tokenizer, spec, seed, process_index, process_count):
     self.names, self.sources, self.sampler = names, sources, sampler
@@ -117,6 +117,7 @@ class _UnitMaker:
     return [(self.names[s], int(self.index_streams[s][position])) for s, position in self.sampler(int(u))]
 
   def __call__(self, u: int) -> dict[str, Any]:
+    images_lib.keep_buffers_in_heap()  # in whichever process computes units (input workers included)
     out = {"samples": [], "bad": [], "seen": 0}
     for s, position in self.sampler(int(u)):
       name = self.names[s]
@@ -130,7 +131,7 @@ class _UnitMaker:
           reason = str(e)
           out["bad"].append((name, index, reason if reason.startswith(where) else f"{where}: {reason}"))
           continue
-        out["samples"].append((sample.ids, sample.loss_mask, sample.tiles, s))
+        out["samples"].append((sample, s))
         break
       else:
         raise RuntimeError(f"source {name!r}: {MAX_BAD_IN_A_ROW} bad records in a row; last: {out['bad'][-1][2]}")
@@ -169,11 +170,11 @@ class _Rows:
     """
     used_t, used_i, taken = self.used_tokens.copy(), self.used_images.copy(), self.stat_samples > 0
     rows = []
-    for ids, _, tiles, _ in unit["samples"]:
-      length = len(ids) - 1
+    for sample, _ in unit["samples"]:
+      length = len(sample.ids) - 1
       if self.pack:
         free_t = self.seq_len - used_t - length
-        free_i = self.max_images - used_i - len(tiles)
+        free_i = self.max_images - used_i - sample.n_tiles
         candidates = np.flatnonzero((free_t >= 0) & (free_i >= 0))
         if not len(candidates):
           return False
@@ -185,10 +186,10 @@ class _Rows:
         r = int(candidates[0])
       rows.append(r)
       used_t[r] += length
-      used_i[r] += len(tiles)
+      used_i[r] += sample.n_tiles
       taken[r] = True
-    for (ids, loss_mask, tiles, source_id), r in zip(unit["samples"], rows):
-      self._write(r, ids, loss_mask, tiles, source_id)
+    for (sample, source_id), r in zip(unit["samples"], rows):
+      self._write(r, sample, source_id)
     self.stat_bad_records[rows[0]] += len(unit["bad"])
     return True
 
@@ -196,25 +197,26 @@ class _Rows:
     """bool [B]: rows with free tokens for one of the samples of `units` but too few free image slots."""
     bound = np.zeros(self.used_tokens.shape, bool)
     for unit in units:
-      for ids, _, tiles, _ in unit["samples"]:
-        bound |= ((self.used_tokens + len(ids) - 1 <= self.seq_len)
-                  & (self.used_images + len(tiles) > self.max_images))
+      for sample, _ in unit["samples"]:
+        bound |= ((self.used_tokens + len(sample.ids) - 1 <= self.seq_len)
+                  & (self.used_images + sample.n_tiles > self.max_images))
     return bound
 
-  def _write(self, r, ids, loss_mask, tiles, source_id):
+  def _write(self, r: int, sample: samples_lib.Sample, source_id: int) -> None:
+    ids, n_tiles = sample.ids, sample.n_tiles
     length, start, first_image = len(ids) - 1, int(self.used_tokens[r]), int(self.used_images[r])
     span = slice(start, start + length)
     self.stat_samples[r] += 1
     self.tokens[r, span] = ids[:-1]
     self.targets[r, span] = ids[1:]
-    self.loss_mask[r, span] = loss_mask[1:]
+    self.loss_mask[r, span] = sample.loss_mask[1:]
     self.segment_ids[r, span] = self.stat_samples[r]
     self.positions[r, span] = np.arange(length)
     self.source_ids[r, span] = source_id
-    self.images[r, first_image:first_image + len(tiles)] = tiles
-    self.image_mask[r, first_image:first_image + len(tiles)] = True
+    sample.write_tiles(self.images[r, first_image:first_image + n_tiles])  # tiles cut here, written once
+    self.image_mask[r, first_image:first_image + n_tiles] = True
     self.used_tokens[r] += length
-    self.used_images[r] += len(tiles)
+    self.used_images[r] += n_tiles
 
   def batch(self) -> dict[str, np.ndarray]:
     return {k: getattr(self, k) for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions", "images",
@@ -293,8 +295,8 @@ class _PackedBatchIterator(grain.DatasetIterator):
     u, unit = pending
     if self._next_unit - u > MAX_WAIT:
       return (0, 0.0, u)
-    tokens = sum(len(ids) - 1 for ids, _, _, _ in unit["samples"])
-    tiles = sum(len(t) for _, _, t, _ in unit["samples"])
+    tokens = sum(len(sample.ids) - 1 for sample, _ in unit["samples"])
+    tiles = sum(sample.n_tiles for sample, _ in unit["samples"])
     return (1, -max(tokens / self._opt.seq_len, tiles / self._opt.max_images), u)
 
   def __next__(self) -> dict[str, np.ndarray]:

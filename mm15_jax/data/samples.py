@@ -32,9 +32,28 @@ _COORDS = re.compile(r"\[\s*(-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?)+)\s*\]")
 
 
 class Sample(NamedTuple):
-  ids: np.ndarray        # int32 [L]: BOS ... EOS
-  loss_mask: np.ndarray  # float32 [L]: 1 where ids[t] is a trained target
-  tiles: np.ndarray      # uint8 [n, S, S, 3] in placeholder order
+  ids: np.ndarray                              # int32 [L]: BOS ... EOS
+  loss_mask: np.ndarray                        # float32 [L]: 1 where ids[t] is a trained target
+  images: tuple[images_lib.SplitImage, ...]  # in placeholder order; their tiles are cut when written
+  tile_size: int                               # S
+
+  @property
+  def n_tiles(self) -> int:
+    return sum(split.n_tiles for split in self.images)
+
+  def write_tiles(self, out: np.ndarray) -> None:
+    """out uint8 [n_tiles, S, S, 3] (each tile C-contiguous, e.g. a batch row's tile slots) = the sample's tiles."""
+    start = 0
+    for split in self.images:
+      split.write_tiles(out[start:start + split.n_tiles])
+      start += split.n_tiles
+
+  @property
+  def tiles(self) -> np.ndarray:
+    """uint8 [n_tiles, S, S, 3] in placeholder order (a new array)."""
+    out = np.empty((self.n_tiles, self.tile_size, self.tile_size, 3), np.uint8)
+    self.write_tiles(out)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +106,7 @@ class _Builder:
     self.allow_split = n_images <= spec.split.max_images_to_split
     self.ids: list[int] = [tokenizer.bos_id]
     self.mask: list[int] = [0]
-    self.tiles: list[np.ndarray] = []
+    self.images: list[images_lib.SplitImage] = []
     self.n_used = 0
 
   def add(self, ids: list[int], trained: bool) -> None:
@@ -112,7 +131,7 @@ class _Builder:
     split = images_lib.split_image(pixels, self.spec.split, tile_size=self.spec.tile_size, n_max=self.n_max,
                                    allow_split=self.allow_split)
     self.n_used += 1
-    self.tiles.append(split.tiles)
+    self.images.append(split)
     return image_block(self.tok, self.n_used, split, self.spec.tokens_per_tile)
 
   def content(self, text: str) -> list[int]:
@@ -128,16 +147,13 @@ class _Builder:
     if eos:
       self.ids.append(self.tok.eos_id)
       self.mask.append(1)
-    s = self.spec.tile_size
-    if len(self.tiles) == 1:
-      tiles = self.tiles[0]  # most samples have one image: no copy of its tiles
-    else:
-      tiles = np.concatenate(self.tiles, 0) if self.tiles else np.zeros((0, s, s, 3), np.uint8)
+    sample = Sample(np.asarray(self.ids, np.int32), np.asarray(self.mask, np.float32), tuple(self.images),
+                    self.spec.tile_size)
     if len(self.ids) > max_ids:
       raise ValueError(f"{self.where}: over-long sample, {len(self.ids) - 1} tokens > seq_len {max_ids - 1}")
-    if len(tiles) > self.spec.max_images:
-      raise ValueError(f"{self.where}: over-long sample, {len(tiles)} tiles > max_images {self.spec.max_images}")
-    return Sample(np.asarray(self.ids, np.int32), np.asarray(self.mask, np.float32), tiles)
+    if sample.n_tiles > self.spec.max_images:
+      raise ValueError(f"{self.where}: over-long sample, {sample.n_tiles} tiles > max_images {self.spec.max_images}")
+    return sample
 
 
 def make_sample(record: dict, tokenizer: Tokenizer, spec: SampleSpec, *, where: str = "record") -> Sample:
