@@ -1,10 +1,12 @@
 """CPU train-step benchmark: our JAX model against a same-size Hugging Face LLaVA (PyTorch), in one process.
 
     python bench/train_step.py [--steps N] [--quick] [--with-dense] [--attention auto|dense|blocked]
-                               [--torch-threads N] [--torch-attn sdpa|eager]
+                               [--torch-threads N] [--torch-attn sdpa|eager] [--dtype float32|bfloat16]
 
-Both sides: CLIP ViT -> connector -> Llama-style decoder (GQA, SwiGLU, untied LM head), float32 compute on CPU
-(bfloat16 matmuls are slow there), one sequence per row (no padding), the same batch and random-init weights of the
+Both sides: CLIP ViT -> connector -> Llama-style decoder (GQA, SwiGLU, untied LM head), float32 compute by default;
+--dtype bfloat16 is mixed precision on both (ours: model.dtype="bfloat16" with float32 parameters, theirs:
+torch.autocast("cpu", torch.bfloat16); the reference matmul then multiplies bfloat16 matrices, accumulating in
+float32), which runs bfloat16 kernels where the CPU has them (AMX, AVX512-BF16). One sequence per row (no padding), the same batch and random-init weights of the
 same shapes, masked next-token cross-entropy in float32, global-norm clipping at 1.0 and AdaFactor: ours is optax
 through mm15_jax.train.optim.make_optimizer (absolute step size), theirs torch.optim.Adafactor (steps relative to
 each parameter's RMS, as the paper), so their losses move differently; the update costs O(params) on both sides.
@@ -178,6 +180,7 @@ class TorchTrainer:
                attn_implementation: str = "sdpa"):
     import transformers
     torch.manual_seed(seed)
+    self.autocast = cfg.dtype != "float32"  # mixed precision like ours: float32 parameters, bfloat16 compute
     self.model = transformers.LlavaForConditionalGeneration(llava_config(cfg, shapes, attn_implementation)).train()
     self.opt = torch.optim.Adafactor(self.model.parameters(), lr=LEARNING_RATE)
     b, n, s = batch["images"].shape[:3]
@@ -203,7 +206,8 @@ class TorchTrainer:
 
   def step(self) -> float:
     self.opt.zero_grad(set_to_none=True)
-    logits = self.model(input_ids=self.input_ids, pixel_values=self.pixel_values, use_cache=False).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+      logits = self.model(input_ids=self.input_ids, pixel_values=self.pixel_values, use_cache=False).logits
     ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), self.targets.flatten(), reduction="none")
     loss = (ce * self.loss_mask.flatten()).sum() / self.loss_mask.sum().clamp(min=1.0)
     loss.backward()
@@ -264,25 +268,27 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: 
   return times
 
 
-def matmul_fns(n: int = MATMUL_SIDE) -> dict[str, Callable[[], None]]:
-  """One n x n float32 matmul per call: jitted JAX and torch, on the same numbers."""
+def matmul_fns(n: int = MATMUL_SIDE, dtype: str = "float32") -> dict[str, Callable[[], None]]:
+  """One n x n matmul per call: jitted JAX and torch, on the same numbers; bfloat16 operands accumulate in float32
+  on both (torch's CPU GEMM does; JAX is asked to)."""
   rng = np.random.default_rng(0)
   a, b = rng.standard_normal((2, n, n), dtype=np.float32)
-  ja, jb = jnp.asarray(a), jnp.asarray(b)
-  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-  jmm = jax.jit(jnp.matmul)
-  np.testing.assert_allclose(np.asarray(jmm(ja, jb)), torch.matmul(ta, tb).numpy(), rtol=1e-3, atol=1e-2)
+  ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+  ta, tb = (torch.from_numpy(x).to(getattr(torch, dtype)) for x in (a, b))
+  jmm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32).astype(x.dtype))
+  tol = dict(rtol=1e-3, atol=1e-2) if dtype == "float32" else dict(rtol=2e-2, atol=0.5)
+  np.testing.assert_allclose(np.asarray(jmm(ja, jb), np.float32), torch.matmul(ta, tb).float().numpy(), **tol)
   return {"jax_matmul": lambda: jmm(ja, jb).block_until_ready(), "torch_matmul": lambda: torch.matmul(ta, tb)}
 
 
 def run(*, steps: int, quick: bool, attention: str = "auto", compiler_options: dict | None = None,
         torch_attn: str = "sdpa", torch_threads: int | None = None, with_dense: bool = False,
-        command: str = "") -> dict:
+        dtype: str = "float32", command: str = "") -> dict:
   """Builds both sides, times them and returns every figure (the JSON line's content). Sets torch's thread count
   (default: every core, as XLA's CPU client uses). with_dense: also times our step with the dense attention
   ("ours_dense"), interleaved with the rest."""
   torch.set_num_threads(torch_threads or os.cpu_count())
-  cfg, shapes = bench_config(quick), bench_shapes(quick)
+  cfg, shapes = dataclasses.replace(bench_config(quick), dtype=dtype), bench_shapes(quick)
   matmul_side = 256 if quick else MATMUL_SIDE
   batch = make_batch(cfg, shapes)
   load_before = os.getloadavg()[0]
@@ -303,7 +309,7 @@ def run(*, steps: int, quick: bool, attention: str = "auto", compiler_options: d
     with decoder_lib.attention_impl("dense"):
       first_loss["ours_dense"] = dense.step()
     steppers["ours_dense"] = dense.step
-  times = time_interleaved({**steppers, **matmul_fns(matmul_side)}, steps, warmup=0)
+  times = time_interleaved({**steppers, **matmul_fns(matmul_side, dtype)}, steps, warmup=0)
   last_loss = {k: fn() for k, fn in steppers.items()}
 
   flops = train_flops(cfg, shapes)
@@ -375,7 +381,7 @@ def markdown(r: dict) -> str:
       ("step s, median process CPU", *both(lambda k: f"{r['step_cpu_s_median'][k]:.3f}")),
       ("tokens/s", *both(lambda k: f"{r['tokens_per_s'][k]:.0f}")),
       ("model GFLOP/s", *both(lambda k: g(r["model_flops_per_s"][k]))),
-      (f"{r['matmul_side']}^2 f32 matmul GFLOP/s", g(r["matmul_flops_per_s"]["jax"]),
+      (f"{r['matmul_side']}^2 {r['model']['dtype']} matmul GFLOP/s", g(r["matmul_flops_per_s"]["jax"]),
        g(r["matmul_flops_per_s"]["torch"])),
       ("MFU (of that matmul rate)", *both(lambda k: f"{100 * r['mfu_of_matmul'][k]:.1f}%")),
       ("MFU in CPU time (FLOP per CPU-s / matmul's)", *both(lambda k: f"{100 * r['mfu_of_matmul_cpu_time'][k]:.1f}%")),
@@ -383,7 +389,7 @@ def markdown(r: dict) -> str:
   ]
   s = r["shapes"]
   head = (f"batch {s['batch']} x {s['seq_len']} tokens, {s['images_per_row']} images of {s['image_size']} px per "
-          f"row ({r['tokens_per_image']} tokens each), float32; {r['machine']['cpus']} x "
+          f"row ({r['tokens_per_image']} tokens each), {r['model']['dtype']}; {r['machine']['cpus']} x "
           f"{r['machine']['cpu_model']}, 1-min load average {r['load_avg_1m_before']} before, "
           f"{r['machine']['load_avg'][0]} after; torch threads {r['torch_threads']}; {r['steps']} interleaved "
           f"rounds\n\n")
@@ -410,10 +416,13 @@ def main(argv=None) -> dict:
   parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: every core)")
   parser.add_argument("--with-dense", action="store_true",
                       help="also time our step with the dense masked attention (interleaved)")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="compute dtype of both sides (bfloat16: mixed precision, float32 parameters)")
   args = parser.parse_args(argv)
   command = " ".join(["python bench/train_step.py", *(sys.argv[1:] if argv is None else argv)])
   result = run(steps=args.steps, quick=args.quick, attention=args.attention, torch_attn=args.torch_attn,
-               torch_threads=args.torch_threads or None, with_dense=args.with_dense, command=command)
+               torch_threads=args.torch_threads or None, with_dense=args.with_dense, dtype=args.dtype,
+               command=command)
   print(markdown(result))
   print(json.dumps(result, sort_keys=True))
   return result

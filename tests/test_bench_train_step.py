@@ -153,3 +153,18 @@ def test_batch_contract(bench):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+
+
+def test_mixed_precision_run_trains_both_sides(bench):
+  """--dtype bfloat16: bfloat16 compute on both sides (float32 parameters), both still learn the batch."""
+  threads = torch.get_num_threads()
+  out = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(out):
+      result = bench.main(["--quick", "--steps", "1", "--torch-threads", "1", "--dtype", "bfloat16"])
+  finally:
+    torch.set_num_threads(threads)
+  assert result["model"]["dtype"] == "bfloat16" and "bfloat16 matmul GFLOP/s" in out.getvalue()
+  for side in ("ours", "torch"):
+    first, last = result["first_loss"][side], result["last_loss"][side]
+    assert abs(first - math.log(512)) < 0.75 and last < first, (side, first, last)

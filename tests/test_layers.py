@@ -1,4 +1,6 @@
 """layers.project: the same values and gradients whichever way it contracts; on CPU no transposed copies."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,3 +51,39 @@ def test_cpu_ffn_gradient_has_no_transposed_copies():
   got, want = jax.grad(loss_ours)(params, x), jax.grad(loss_einsum)(params, x)
   for name in ("gate", "up", "down"):
     np.testing.assert_allclose(got[name][...], want[name][...], rtol=1e-5, atol=1e-5)
+
+
+def _dot_operand_types(hlo: str) -> list[tuple[str, str]]:
+  """(lhs, rhs) element types of every dot in compiled HLO text."""
+  types = []
+  for computation in re.split(r"\n(?=\S)", hlo):
+    defined = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", computation))
+    for lhs, rhs in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", computation):
+      types.append((defined.get(lhs), defined.get(rhs)))
+  return types
+
+
+@pytest.mark.parametrize("out_dtype", [None, jnp.float32])
+def test_cpu_bfloat16_projection_accumulates_in_float32(out_dtype):
+  """bfloat16 operands on CPU: forward and both gradients are bfloat16 GEMMs accumulating in float32 (XLA:CPU
+  would upcast a bfloat16-result dot to a float32 GEMM), with the values of float32 arithmetic on the same inputs."""
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (2, 64, 96)).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, (96, 80)).astype(jnp.bfloat16)
+  cotangent = jax.random.normal(kg, (2, 64, 80)).astype(jnp.bfloat16)
+  kwargs = {} if out_dtype is None else {"preferred_element_type": out_dtype}
+  ours = lambda x, w: layers.project(x, w, **kwargs)
+  y, vjp = jax.vjp(ours, x, w)
+  dx, dw = vjp(cotangent.astype(y.dtype))
+  assert y.dtype == (out_dtype or jnp.bfloat16) and dx.dtype == dw.dtype == jnp.bfloat16
+  f32 = lambda a: np.asarray(a, np.float32)
+  want_y = np.einsum("btd,df->btf", f32(x), f32(w))
+  want_dx = np.einsum("btf,df->btd", f32(cotangent), f32(w))
+  want_dw = np.einsum("btd,btf->df", f32(x), f32(cotangent))
+  for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw)):
+    # Products of bfloat16 values are exact in float32; the one rounding to bfloat16 is at most half an ulp (2^-9).
+    np.testing.assert_allclose(f32(got), want, rtol=2 ** -8, atol=1e-3 * np.abs(want).max())
+  hlo = jax.jit(lambda x, w, g: jax.vjp(ours, x, w)[1](g)).lower(x, w, cotangent.astype(y.dtype)).compile().as_text()
+  assert _dot_operand_types(hlo) == [("bf16", "bf16")] * 2
+  forward = jax.jit(ours).lower(x, w).compile().as_text()
+  assert _dot_operand_types(forward) == [("bf16", "bf16")]
