@@ -32,10 +32,10 @@ _COORDS = re.compile(r"\[\s*(-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?)+)\s*\]")
 
 
 class Sample(NamedTuple):
-  ids: np.ndarray                              # int32 [L]: BOS ... EOS
-  loss_mask: np.ndarray                        # float32 [L]: 1 where ids[t] is a trained target
+  ids: np.ndarray                            # int32 [L]: BOS ... EOS
+  loss_mask: np.ndarray                      # float32 [L]: 1 where ids[t] is a trained target
   images: tuple[images_lib.SplitImage, ...]  # in placeholder order; their tiles are cut when written
-  tile_size: int                               # S
+  tile_size: int                             # S
 
   @property
   def n_tiles(self) -> int:
