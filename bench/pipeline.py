@@ -20,7 +20,7 @@ access and its CPU time is measured around it and subtracted, the record itself 
 "synthetic": the corpus as generated (PNGs of 50-500 px, upscaled onto the tile canvases: a worst case for resizing
 against decoding). --compare-images FILE also runs, in the same rounds and on the same samples, a second pipeline
 whose sample builder uses the images module loaded from FILE (e.g. an earlier version from `git show
-REV:mm15_jax/data/images.py`); the two run in alternating order, and its ratio to decode-only and its CPU time over
+REV:mm15_jax/data/images.py`, from eba8bb7 on: one whose SplitImage has write_tiles); the two run in alternating order, and its ratio to decode-only and its CPU time over
 ours are medians over pairs of rounds of the pair's geometric mean (see `throughput`).
 
 Packing: share of non-pad token slots (segment_ids != 0, counted in the batches) of the stage-3 SFT mixture at the
@@ -164,6 +164,9 @@ def load_images_module(path: str):
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module
   spec.loader.exec_module(module)
+  if not hasattr(getattr(module, "SplitImage", None), "write_tiles"):
+    raise ValueError(f"--compare-images {path}: its SplitImage has no write_tiles (the sample builder's interface "
+                     f"since commit eba8bb7); compare an older module by running the bench at its own commit")
   return module
 
 

@@ -102,3 +102,11 @@ def test_quick_bench(corpus_dir, tmp_path, capsys):  # noqa: F811 (fixture)
       "image_bound_rows"] == 0
   assert packings["tiny SFT"]["image_bound_rows"] > 0.25  # the demo's max_images=20 binds first
   assert packings["tiny SFT, tokens bind"]["efficiency"] > packings["tiny SFT"]["efficiency"]
+
+
+def test_compare_images_refuses_a_module_without_the_current_interface(tmp_path):
+  """An images module from before SplitImage.write_tiles cannot stand in for ours: a clear error, not a crash later."""
+  old = tmp_path / "old_images.py"
+  old.write_text("from typing import NamedTuple\n\nclass SplitImage(NamedTuple):\n  tiles: object\n")
+  with pytest.raises(ValueError, match=r"old_images\.py: its SplitImage has no write_tiles"):
+    load_bench("pipeline").load_images_module(str(old))
