@@ -20,8 +20,9 @@ access and its CPU time is measured around it and subtracted, the record itself 
 "synthetic": the corpus as generated (PNGs of 50-500 px, upscaled onto the tile canvases: a worst case for resizing
 against decoding). --compare-images FILE also runs, in the same rounds and on the same samples, a second pipeline
 whose sample builder uses the images module loaded from FILE (e.g. an earlier version from `git show
-REV:mm15_jax/data/images.py`, from eba8bb7 on: one whose SplitImage has write_tiles); the two run in alternating order, and its ratio to decode-only and its CPU time over
-ours are medians over pairs of rounds of the pair's geometric mean (see `throughput`).
+REV:mm15_jax/data/images.py`, from eba8bb7 on: one whose SplitImage has write_tiles); the two run in alternating
+order, and its ratio to decode-only and its CPU time over ours are medians over pairs of rounds of the pair's
+geometric mean (see `throughput`).
 
 Packing: share of non-pad token slots (segment_ids != 0, counted in the batches) of the stage-3 SFT mixture at the
 per-row limits of configs/mm15.py (seq_len 4096, its max_images; fewer batch rows than the paper's 256) and of

@@ -6,10 +6,11 @@
 Both sides: CLIP ViT -> connector -> Llama-style decoder (GQA, SwiGLU, untied LM head), float32 compute by default;
 --dtype bfloat16 is mixed precision on both (ours: model.dtype="bfloat16" with float32 parameters, theirs:
 torch.autocast("cpu", torch.bfloat16); the reference matmul then multiplies bfloat16 matrices, accumulating in
-float32), which runs bfloat16 kernels where the CPU has them (AMX, AVX512-BF16). One sequence per row (no padding), the same batch and random-init weights of the
-same shapes, masked next-token cross-entropy in float32, global-norm clipping at 1.0 and AdaFactor: ours is optax
-through mm15_jax.train.optim.make_optimizer (absolute step size), theirs torch.optim.Adafactor (steps relative to
-each parameter's RMS, as the paper), so their losses move differently; the update costs O(params) on both sides.
+float32), which runs bfloat16 kernels where the CPU has them (AMX, AVX512-BF16). One sequence per row (no padding),
+the same batch and random-init weights of the same shapes, masked next-token cross-entropy in float32, global-norm
+clipping at 1.0 and AdaFactor: ours is optax through mm15_jax.train.optim.make_optimizer (absolute step size),
+theirs torch.optim.Adafactor (steps relative to each parameter's RMS, as the paper), so their losses move
+differently; the update costs O(params) on both sides.
 
 Connectors differ by design: ours is the C-Abstractor (RegNet stages; pooled_side = the ViT's grid side, so the
 adaptive pooling keeps every position), LLaVA's a 2-layer MLP over the patch tokens. Both give the decoder

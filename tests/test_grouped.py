@@ -34,6 +34,6 @@ def test_blocked_gradients_match_ragged():
 
 
 def test_resolve_impl():
-  assert resolve_impl("auto") == ("blocked" if jax.default_backend() == "cpu" else "ragged")
+  assert resolve_impl("auto") == ("blocked" if jax.default_backend() == "cpu" else "ragged")  # no mesh active
   with pytest.raises(ValueError, match="grouped_matmul"):
     resolve_impl("dense")

@@ -81,6 +81,11 @@ def test_padding_never_stretches(resample):
   assert (tile[0, 15:] == images.PAD_RGB).all()
 
 
+def one_tile(pixels, tile, resample):
+  """The image fitted into one tile x tile square and padded: the tile of an unsplit image (mode "none")."""
+  return images.split_image(pixels, SplitConfig(mode="none", resample=resample), tile_size=tile).tiles[0]
+
+
 def test_dynamic_tiles_row_major_and_overview_last():
   r = 16
   pixels = random_image(20, 70, seed=1)
@@ -98,7 +103,7 @@ def test_dynamic_tiles_row_major_and_overview_last():
   for i in range(n_h):
     for j in range(n_w):
       np.testing.assert_array_equal(split.tiles[i * n_w + j], canvas[i * r:(i + 1) * r, j * r:(j + 1) * r])
-  np.testing.assert_array_equal(split.tiles[-1], images.fit_and_pad(pixels, r, r, "antialias"))
+  np.testing.assert_array_equal(split.tiles[-1], one_tile(pixels, r, "antialias"))
 
 
 def test_static_split_and_no_overview():
@@ -119,7 +124,7 @@ def test_multi_image_rule(resample):
   assert [s.tiles.shape[0] for s in three] == [1, 1, 1] and all(s.grid is None for s in three)
   # Overview only: the image fitted into one tile. "antialias" resamples a split image's overview from the image
   # too; "fast" from its grid fit, which here has fewer pixels (16 x 16 < 20 x 20).
-  np.testing.assert_array_equal(three[0].tiles[0], images.fit_and_pad(pixels, 8, 8, resample))
+  np.testing.assert_array_equal(three[0].tiles[0], one_tile(pixels, 8, resample))
   if resample == "antialias":
     np.testing.assert_array_equal(three[0].tiles[0], two[0].tiles[-1])
   else:

@@ -147,3 +147,14 @@ def test_dropless_routes_per_data_shard_with_the_same_result():
                              atol=1e-5, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_grouped_matmul_follows_the_platform_traced_for(monkeypatch):
+  """"auto" is resolved when the layer is traced, by the mesh's platform (an ahead-of-time TPU compile on a CPU host
+  gets ragged_dot), not when it is built."""
+  moe = make_moe()
+  assert moe.grouped_impl == "auto"
+  x = jnp.ones((2, 8, D))
+  for platform, ragged in (("cpu", False), ("tpu", True)):
+    monkeypatch.setattr(layers, "mesh_platform", lambda platform=platform: platform)
+    assert ("ragged_dot" in str(jax.make_jaxpr(lambda x: moe(x))(x))) == ragged, platform

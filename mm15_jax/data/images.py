@@ -212,13 +212,6 @@ def _pad_into(out: np.ndarray, part: np.ndarray) -> None:
   rows[h:] = pad_row
 
 
-def fit_and_pad(image: np.ndarray, canvas_h: int, canvas_w: int, resample: str = "fast") -> np.ndarray:
-  """uint8 [h, w, 3] -> [canvas_h, canvas_w, 3]: aspect-preserving resize, top-left, padded with PAD_RGB."""
-  canvas = np.empty((canvas_h, canvas_w, 3), np.uint8)
-  _pad_into(canvas, _fitted(image, canvas_h, canvas_w, resample))
-  return canvas
-
-
 def _cut_into(tiles: np.ndarray, fitted: np.ndarray, grid: tuple[int, int]) -> None:
   """tiles uint8 [n_h*n_w, S, S, 3] = the row-major tiles of `fitted` padded to the (n_h*S, n_w*S) canvas (no
   intermediate canvas)."""

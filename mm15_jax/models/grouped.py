@@ -14,12 +14,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mm15_jax.models import layers
+
 MAX_BLOCK = 256
 
 
 def resolve_impl(impl: str) -> str:
+  """"auto": the blocked kernel on CPU, ragged_dot elsewhere, by the platform the step is traced for
+  (`layers.mesh_platform`: an ahead-of-time TPU compile on a CPU host gets ragged_dot)."""
   if impl == "auto":
-    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+    return "blocked" if layers.mesh_platform() == "cpu" else "ragged"
   if impl not in ("ragged", "blocked"):
     raise ValueError(f"model.decoder.moe.grouped_matmul={impl!r}; expected auto, ragged or blocked")
   return impl

@@ -40,7 +40,8 @@ class MoEFeedForward(nnx.Module):
       raise ValueError(f"model.decoder.moe.top_k {cfg.top_k} must be in [1, num_experts={cfg.num_experts}]")
     e, f = cfg.num_experts, cfg.ffn_dim or dense_ffn_dim
     self.num_experts, self.top_k, self.capacity_factor = e, cfg.top_k, cfg.capacity_factor
-    self.grouped_impl = grouped.resolve_impl(cfg.grouped_matmul)
+    grouped.resolve_impl(cfg.grouped_matmul)  # a bad config value fails here; "auto" is resolved when traced
+    self.grouped_impl = cfg.grouped_matmul
     self.router = layers.param(rngs, layers.fan_in_init(d_model), (d_model, e), ("embed", None), param_dtype)
     self.gate = layers.param(rngs, layers.fan_in_init(d_model), (e, d_model, f), ("expert", "embed", "expert_mlp"),
                              param_dtype)

@@ -137,12 +137,6 @@ def compile_train_step(exp: Experiment, index: int, topology: str = "cpu", num_s
       raise ValueError(f"config key mesh.dcn_data={exp.mesh.dcn_data} but --num-slices {num_slices}")
     exp = dataclasses.replace(exp, mesh=dataclasses.replace(exp.mesh, dcn_data=num_slices))
   vocab, image_id = _vocab_and_image_id(exp, index)
-  moe = exp.model.decoder.moe
-  if moe is not None and moe.grouped_matmul == "auto" and devices[0].platform != jax.default_backend():
-    # "auto" asks the default backend (this host's CPU); the target chips run what they would pick themselves.
-    impl = "blocked" if devices[0].platform == "cpu" else "ragged"
-    decoder = dataclasses.replace(exp.model.decoder, moe=dataclasses.replace(moe, grouped_matmul=impl))
-    exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, decoder=decoder))
   model_cfg = runner.stage_model_config(exp.model, stage, vocab)
   mesh = sharding.make_mesh(exp.mesh, devices)
   if stage.batch_size % math.prod(mesh.shape[a] for a in sharding.BATCH_AXES):
