@@ -134,9 +134,13 @@ def _fake_compile(fits_from_accum):
 
 def test_fit_search_stops_at_the_first_that_fits(monkeypatch, tmp_path):
   import json
+
+  import jax
   exp = cli.load_experiment("tiny", [], SMALL + ["stages.pretrain.batch_size=64"])  # 8 rows per CPU device
   fake, calls = _fake_compile(fits_from_accum=4)
   monkeypatch.setattr(aot, "compile_train_step", fake)
+  # The 8 local devices stand in for v5e:2x4's chips when the search counts rows per device (no libtpu needed).
+  monkeypatch.setattr(aot, "topology_devices", lambda topology, num_slices=1: jax.devices())
   logged = []
   out = tmp_path / "aot.jsonl"
   reports = aot.command(exp, ["pretrain"], "v5e:2x4", json_path=str(out), overrides=("mesh.data=8",),
