@@ -82,8 +82,10 @@ def bench_config(quick: bool = False) -> ModelConfig:
     connector = ConnectorConfig(hidden=256, depth=2, pooled_side=12, se_ratio=0.25)
     decoder = DecoderConfig(vocab_size=8192, d_model=512, num_layers=4, num_heads=8, num_kv_heads=4, ffn_dim=1408,
                             max_len=1024)
+  # Unrolled layers: at depth 4 compile time is no concern, and the scan's stacked residual buffers (zero-filled,
+  # then written and read a layer at a time) cost 7% of the step on CPU (BENCHMARKS.md section 1).
   return ModelConfig(vision=vision, connector=connector, decoder=decoder, dtype="float32", param_dtype="float32",
-                     remat="none", scan_layers=True)
+                     remat="none", scan_layers=False)
 
 
 def bench_shapes(quick: bool = False) -> BenchShapes:

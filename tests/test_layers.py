@@ -87,3 +87,24 @@ def test_cpu_bfloat16_projection_accumulates_in_float32(out_dtype):
   assert _dot_operand_types(hlo) == [("bf16", "bf16")] * 2
   forward = jax.jit(ours).lower(x, w).compile().as_text()
   assert _dot_operand_types(forward) == [("bf16", "bf16")]
+
+
+def test_unrolled_stack_gradient_equals_scan_and_is_stacked_once():
+  """run_stack(scan=False): the same values and parameter gradients as the scan; each layer's gradient reaches the
+  stacked parameter through one stack, not as a zero-padded full-size array per layer summed (a slice's gradient)."""
+  stack = layers.stacked(3, lambda r: layers.SwiGLU(8, 16, dtype=jnp.float32, param_dtype=jnp.float32, rngs=r),
+                         nnx.Rngs(0))
+  graphdef, params = nnx.split(stack)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 8))
+
+  def loss(p, scan):
+    body = lambda layer, h, _: (h + layer(h), None)
+    out, _ = layers.run_stack(nnx.merge(graphdef, p), body, x, length=3, scan=scan, remat="none")
+    return (out ** 2).sum()
+
+  np.testing.assert_allclose(loss(params, False), loss(params, True), rtol=1e-6)
+  got, want = jax.grad(loss)(params, False), jax.grad(loss)(params, True)
+  for name in ("gate", "up", "down"):
+    np.testing.assert_allclose(got[name][...], want[name][...], rtol=1e-5, atol=1e-6)
+  hlo = jax.jit(jax.grad(loss), static_argnums=1).lower(params, False).compile().as_text()
+  assert " pad(" not in hlo
