@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 import sys
 
 import jax
@@ -156,3 +157,13 @@ def load_bench(name: str):
   sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
   spec.loader.exec_module(module)
   return module
+
+
+def dot_operand_types(hlo: str) -> list[tuple[str, str]]:
+  """(lhs, rhs) element types of every dot in compiled HLO text."""
+  types = []
+  for computation in re.split(r"\n(?=\S)", hlo):
+    defined = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", computation))
+    for lhs, rhs in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", computation):
+      types.append((defined.get(lhs), defined.get(rhs)))
+  return types

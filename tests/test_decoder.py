@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fixtures import mesh_of
+from fixtures import dot_operand_types, mesh_of
 from mm15_jax import sharding
 from mm15_jax.config import DecoderConfig, MeshConfig, MoEConfig
 from mm15_jax.models import decoder as dec
@@ -201,6 +201,33 @@ def test_blocked_attention_matches_dense():
   shapes = {tuple(var.aval.shape[-2:]) for eqn in jaxpr.eqns for var in eqn.outvars
             if var.aval.dtype == jnp.float32 and len(var.aval.shape) >= 2}
   assert (t, t) not in shapes
+
+
+def test_blocked_attention_bfloat16_runs_bfloat16_products():
+  """bfloat16 q, k, v: the blocked attention's score, value and query-gradient products are bfloat16 GEMMs
+  accumulating in float32 on CPU (a bfloat16-result dot is upcast to a float32 GEMM there), with dense float32
+  attention's values on the same inputs to bfloat16 accuracy."""
+  t, block, b, h, g, hd = 45, 16, 2, 4, 2, 8
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v = (jax.random.normal(key, (b, t, n, hd)).astype(jnp.bfloat16) for key, n in zip(keys, (h, g, g)))
+  weights = jax.random.normal(keys[3], (b, t, h, hd))
+  mask = dec.segment_causal_mask(jnp.ones((b, t), jnp.int32))
+
+  def loss(impl, dtype, *qkv):
+    out = dec.attend(*qkv, mask, dtype, causal=True, impl=impl, block=block)
+    return (out.astype(jnp.float32) * weights).sum()
+
+  grad = lambda impl, dtype: jax.jit(jax.grad(lambda *a: loss(impl, dtype, *a), argnums=(0, 1, 2)))
+  got = grad("blocked", jnp.bfloat16)(q, k, v)
+  want = grad("dense", jnp.float32)(*(x.astype(jnp.float32) for x in (q, k, v)))
+  for name, a, w in zip("qkv", got, want):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(w), atol=0.1, rtol=0.05, err_msg=f"d{name}")
+  hlo = grad("blocked", jnp.bfloat16).lower(q, k, v).compile().as_text()
+  n_blocks = -(-t // block)
+  # per block: scores and values forward, d_probs and dq backward (dk and dv contract the query axis: XLA:CPU has
+  # no bfloat16 kernel for that form, they stay float32)
+  assert dot_operand_types(hlo).count(("bf16", "bf16")) == 4 * n_blocks
 
 
 def test_decoder_blocked_matches_dense():

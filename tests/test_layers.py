@@ -1,12 +1,11 @@
 """layers.project: the same values and gradients whichever way it contracts; on CPU no transposed copies."""
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from fixtures import dot_operand_types
 from mm15_jax.models import layers
 
 
@@ -53,16 +52,6 @@ def test_cpu_ffn_gradient_has_no_transposed_copies():
     np.testing.assert_allclose(got[name][...], want[name][...], rtol=1e-5, atol=1e-5)
 
 
-def _dot_operand_types(hlo: str) -> list[tuple[str, str]]:
-  """(lhs, rhs) element types of every dot in compiled HLO text."""
-  types = []
-  for computation in re.split(r"\n(?=\S)", hlo):
-    defined = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", computation))
-    for lhs, rhs in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", computation):
-      types.append((defined.get(lhs), defined.get(rhs)))
-  return types
-
-
 @pytest.mark.parametrize("out_dtype", [None, jnp.float32])
 def test_cpu_bfloat16_projection_accumulates_in_float32(out_dtype):
   """bfloat16 operands on CPU: forward and both gradients are bfloat16 GEMMs accumulating in float32 (XLA:CPU
@@ -84,9 +73,9 @@ def test_cpu_bfloat16_projection_accumulates_in_float32(out_dtype):
     # Products of bfloat16 values are exact in float32; the one rounding to bfloat16 is at most half an ulp (2^-9).
     np.testing.assert_allclose(f32(got), want, rtol=2 ** -8, atol=1e-3 * np.abs(want).max())
   hlo = jax.jit(lambda x, w, g: jax.vjp(ours, x, w)[1](g)).lower(x, w, cotangent.astype(y.dtype)).compile().as_text()
-  assert _dot_operand_types(hlo) == [("bf16", "bf16")] * 2
+  assert dot_operand_types(hlo) == [("bf16", "bf16")] * 2
   forward = jax.jit(ours).lower(x, w).compile().as_text()
-  assert _dot_operand_types(forward) == [("bf16", "bf16")]
+  assert dot_operand_types(forward) == [("bf16", "bf16")]
 
 
 def test_unrolled_stack_gradient_equals_scan_and_is_stacked_once():

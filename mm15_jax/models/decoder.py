@@ -127,7 +127,8 @@ def _block_forward(q_BGRTK, k_BGSK, v_BGSK, mask_B11TS, dtype):
   logits = jnp.einsum("bgrtk,bgsk->bgrts", q_BGRTK, k_BGSK, preferred_element_type=jnp.float32)
   logits = jnp.where(mask_B11TS, logits * q_BGRTK.shape[-1] ** -0.5, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1)
-  return jnp.einsum("bgrts,bgsk->bgrtk", probs.astype(dtype), v_BGSK), probs
+  out = jnp.einsum("bgrts,bgsk->bgrtk", probs.astype(dtype), v_BGSK, preferred_element_type=jnp.float32)
+  return out.astype(dtype), probs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -148,7 +149,7 @@ def _block_attention_bwd(dt, res, d_out_BGRTK):
   d_probs = jnp.einsum("bgrtk,bgsk->bgrts", d_out_BGRTK, v, preferred_element_type=jnp.float32)
   row = jnp.einsum("bgrtk,bgrtk->bgrt", d_out_BGRTK.astype(jnp.float32), out.astype(jnp.float32))[..., None]
   d_logits = jnp.where(mask, probs * (d_probs - row) * q.shape[-1] ** -0.5, 0.0).astype(dt)
-  dq = jnp.einsum("bgrts,bgsk->bgrtk", d_logits, k).astype(q.dtype)
+  dq = jnp.einsum("bgrts,bgsk->bgrtk", d_logits, k, preferred_element_type=jnp.float32).astype(q.dtype)
   dk = jnp.einsum("bgrtk,bgrts->bgks", q, d_logits).swapaxes(-1, -2).astype(k.dtype)
   dv = jnp.einsum("bgrtk,bgrts->bgks", d_out_BGRTK, probs.astype(dt)).swapaxes(-1, -2).astype(v.dtype)
   return dq, dk, dv, None
