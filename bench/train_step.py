@@ -134,9 +134,9 @@ class JaxTrainer:
     self.mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
     self.graphdef, params, self.rest = state_lib.init_params(cfg, self.mesh, seed)
     stage = StageConfig(steps=1000, learning_rate=LEARNING_RATE, warmup_fraction=0.0, clip_norm=CLIP_NORM)
-    tx = optim.make_optimizer(stage, params)
-    self.state = state_lib.new_train_state(params, tx, self.mesh)
-    step = step_lib.make_train_step(self.graphdef, self.rest, tx, model_cfg=cfg, image_token_id=IMAGE_TOKEN_ID,
+    self.tx = optim.make_optimizer(stage, params)
+    self.state = state_lib.new_train_state(params, self.tx, self.mesh)
+    step = step_lib.make_train_step(self.graphdef, self.rest, self.tx, model_cfg=cfg, image_token_id=IMAGE_TOKEN_ID,
                                     num_sources=1)
     shardings = state_lib.state_shardings(self.state)
     self._step = jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0,
