@@ -80,7 +80,7 @@ def ffn_pair(cfg: DecoderConfig, llama, b: int, t: int) -> dict[str, Callable[[]
   ours = nnx.List([layers.RMSNorm(cfg.d_model, eps=cfg.rms_eps, **kw), layers.SwiGLU(cfg.d_model, cfg.ffn_dim, **kw)])
   x = jax.random.normal(jax.random.key(0), (b, t, cfg.d_model))
   norm, mlp = LlamaRMSNorm(cfg.d_model, cfg.rms_eps), LlamaMLP(llama)
-  tx = torch.from_numpy(np.asarray(x)).requires_grad_()
+  tx = torch.from_numpy(np.array(x)).requires_grad_()
   leaves = [tx, *norm.parameters(), *mlp.parameters()]
   return {"ours": _ours_grad(ours, lambda m, x: x + m[1](m[0](x)), x),
           "torch": _torch_grad(lambda: tx + mlp(norm(tx)), leaves, _cotangent(x.shape))}
@@ -96,7 +96,7 @@ def attention_pair(cfg: DecoderConfig, b: int, t: int) -> dict[str, Callable[[],
   attend = jax.jit(jax.grad(lambda q, k, v: (decoder_lib.attend(q, k, v, mask, jnp.float32, causal=True)
                                              * cotangent_BTHK).sum(), argnums=(0, 1, 2)))
   # torch's layout: [B, heads, T, K]
-  tq, tk, tv = (torch.from_numpy(np.asarray(a)).transpose(1, 2).contiguous().requires_grad_() for a in (q, k, v))
+  tq, tk, tv = (torch.from_numpy(np.array(a)).transpose(1, 2).contiguous().requires_grad_() for a in (q, k, v))
   sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True)
   return {"ours": lambda: jax.block_until_ready(attend(q, k, v)),
           "torch": _torch_grad(sdpa, [tq, tk, tv], np.ascontiguousarray(cotangent_BTHK.transpose(0, 2, 1, 3)))}
@@ -111,8 +111,8 @@ def layer_pair(cfg: DecoderConfig, llama, b: int, t: int) -> dict[str, Callable[
   segments = jnp.ones((b, t), jnp.int32)
   apply = lambda m, x: m(x, positions, decoder_lib.segment_causal_mask(segments), segments != 0)[0]
   theirs = LlamaDecoderLayer(llama, layer_idx=0).train()
-  tx = torch.from_numpy(np.asarray(x)).requires_grad_()
-  tpos = torch.from_numpy(np.asarray(positions, np.int64))
+  tx = torch.from_numpy(np.array(x)).requires_grad_()
+  tpos = torch.from_numpy(np.array(positions, np.int64))
   rope = LlamaRotaryEmbedding(llama)
   forward = lambda: theirs(tx, attention_mask=None, position_ids=tpos, position_embeddings=rope(tx, tpos))
   return {"ours": _ours_grad(block, apply, x),

@@ -167,3 +167,19 @@ def dot_operand_types(hlo: str) -> list[tuple[str, str]]:
     for lhs, rhs in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", computation):
       types.append((defined.get(lhs), defined.get(rhs)))
   return types
+
+
+def run_bench_main(bench, argv: list[str]) -> tuple[dict, list[str]]:
+  """(result, printed lines) of a torch-comparing bench script's `main(argv)`; torch's thread count, which the
+  scripts set, is restored afterwards."""
+  import contextlib
+  import io
+
+  import torch
+  threads, out = torch.get_num_threads(), io.StringIO()
+  try:
+    with contextlib.redirect_stdout(out):
+      result = bench.main(argv)
+  finally:
+    torch.set_num_threads(threads)
+  return result, out.getvalue().strip().splitlines()

@@ -1,6 +1,4 @@
 """bench/train_parts.py --quick: every part runs on both sides; the attention part computes torch's gradients."""
-import contextlib
-import io
 import json
 
 import numpy as np
@@ -9,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from fixtures import load_bench  # noqa: E402
+from fixtures import load_bench, run_bench_main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +16,7 @@ def bench():
 
 
 def test_quick_run_reports_every_part(bench):
-  threads = torch.get_num_threads()
-  out = io.StringIO()
-  try:
-    with contextlib.redirect_stdout(out):
-      result = bench.main(["--quick", "--rounds", "1", "--torch-threads", "1"])
-  finally:
-    torch.set_num_threads(threads)
-  lines = out.getvalue().strip().splitlines()
+  result, lines = run_bench_main(bench, ["--quick", "--rounds", "1", "--torch-threads", "1"])
   assert json.loads(lines[-1]) == json.loads(json.dumps(result))
   assert set(result["parts"]) == set(bench.PARTS)
   for part in bench.PARTS:

@@ -1,6 +1,4 @@
 """bench/train_step.py --quick: our step and LLaVA's built at the same sizes (no timing assertions)."""
-import contextlib
-import io
 import json
 import math
 import os
@@ -12,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from fixtures import load_bench  # noqa: E402
+from fixtures import load_bench, run_bench_main  # noqa: E402
 from mm15_jax.train import flops as flops_lib  # noqa: E402
 
 @pytest.fixture(scope="module")
@@ -24,14 +22,7 @@ def bench():
 def quick(bench):
   """(result, printed lines) of `bench/train_step.py --quick --steps 1` (one torch thread: no pile-up of spinning
   threads on a shared test host; nothing below is timed)."""
-  threads = torch.get_num_threads()
-  out = io.StringIO()
-  try:
-    with contextlib.redirect_stdout(out):
-      result = bench.main(["--quick", "--steps", "1", "--torch-threads", "1"])
-  finally:
-    torch.set_num_threads(threads)
-  return result, out.getvalue().strip().splitlines()
+  return run_bench_main(bench, ["--quick", "--steps", "1", "--torch-threads", "1"])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -157,14 +148,8 @@ def test_batch_contract(bench):
 
 def test_mixed_precision_run_trains_both_sides(bench):
   """--dtype bfloat16: bfloat16 compute on both sides (float32 parameters), both still learn the batch."""
-  threads = torch.get_num_threads()
-  out = io.StringIO()
-  try:
-    with contextlib.redirect_stdout(out):
-      result = bench.main(["--quick", "--steps", "1", "--torch-threads", "1", "--dtype", "bfloat16"])
-  finally:
-    torch.set_num_threads(threads)
-  assert result["model"]["dtype"] == "bfloat16" and "bfloat16 matmul GFLOP/s" in out.getvalue()
+  result, lines = run_bench_main(bench, ["--quick", "--steps", "1", "--torch-threads", "1", "--dtype", "bfloat16"])
+  assert result["model"]["dtype"] == "bfloat16" and any("bfloat16 matmul GFLOP/s" in line for line in lines)
   for side in ("ours", "torch"):
     first, last = result["first_loss"][side], result["last_loss"][side]
     assert abs(first - math.log(512)) < 0.75 and last < first, (side, first, last)
