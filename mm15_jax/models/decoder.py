@@ -124,11 +124,15 @@ def _attend_causal_blocked(q_BTHK, k_BSGK, v_BSGK, mask_BTS, dtype, block: int):
 
 
 def _block_forward(q_BGRTK, k_BGSK, v_BGSK, mask_B11TS, dtype):
+  """-> (output, unnormalised weights exp(score - row max), their row sums). The weights are 0 where masked (every
+  query sees at least its own key) and the output is divided by the sums after the value product: one pass over the
+  [T, S] scores fewer than normalising them, and the backward needs no mask."""
   logits = jnp.einsum("bgrtk,bgsk->bgrts", q_BGRTK, k_BGSK, preferred_element_type=jnp.float32)
   logits = jnp.where(mask_B11TS, logits * q_BGRTK.shape[-1] ** -0.5, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bgrts,bgsk->bgrtk", probs.astype(dtype), v_BGSK, preferred_element_type=jnp.float32)
-  return out.astype(dtype), probs
+  weights = jnp.exp(logits - logits.max(-1, keepdims=True))
+  sums = weights.sum(-1, keepdims=True)
+  out = jnp.einsum("bgrts,bgsk->bgrtk", weights.astype(dtype), v_BGSK, preferred_element_type=jnp.float32) / sums
+  return out.astype(dtype), weights, sums
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -138,20 +142,23 @@ def _block_attention(q_BGRTK, k_BGSK, v_BGSK, mask_B11TS, dtype):
 
 
 def _block_attention_fwd(q_BGRTK, k_BGSK, v_BGSK, mask_B11TS, dtype):
-  out, probs = _block_forward(q_BGRTK, k_BGSK, v_BGSK, mask_B11TS, dtype)
-  return out, (q_BGRTK, k_BGSK, v_BGSK, mask_B11TS, probs, out)
+  out, weights, sums = _block_forward(q_BGRTK, k_BGSK, v_BGSK, mask_B11TS, dtype)
+  return out, (q_BGRTK, k_BGSK, v_BGSK, weights, sums, out)
 
 
 def _block_attention_bwd(dt, res, d_out_BGRTK):
-  """Softmax backward with sum_s dP[t, s] P[t, s] = dO[t] . O[t] (no [T, S] product to reduce); the key-side
-  gradients as [B, G, K, S] products transposed afterwards, so the scores enter every matmul untransposed."""
-  q, k, v, mask, probs, out = res
-  d_probs = jnp.einsum("bgrtk,bgsk->bgrts", d_out_BGRTK, v, preferred_element_type=jnp.float32)
-  row = jnp.einsum("bgrtk,bgrtk->bgrt", d_out_BGRTK.astype(jnp.float32), out.astype(jnp.float32))[..., None]
-  d_logits = jnp.where(mask, probs * (d_probs - row) * q.shape[-1] ** -0.5, 0.0).astype(dt)
-  dq = jnp.einsum("bgrts,bgsk->bgrtk", d_logits, k, preferred_element_type=jnp.float32).astype(q.dtype)
+  """Softmax backward dS = P * (dP - rowsum(dP * P)) with P = W / sums and rowsum(dP * P) = dO . O, both sides
+  divided by the sums through dO / sums (a [T, K] product, not [T, S]). The key-side gradients as [B, G, K, S]
+  products transposed afterwards, so the scores enter every matmul untransposed."""
+  q, k, v, weights, sums, out = res
+  f32 = jnp.float32
+  d_out_s = d_out_BGRTK.astype(f32) / sums
+  row_s = (d_out_s * out.astype(f32)).sum(-1, keepdims=True)
+  d_weights = jnp.einsum("bgrtk,bgsk->bgrts", d_out_s.astype(dt), v, preferred_element_type=f32)
+  d_logits = (weights * (d_weights - row_s) * q.shape[-1] ** -0.5).astype(dt)
+  dq = jnp.einsum("bgrts,bgsk->bgrtk", d_logits, k, preferred_element_type=f32).astype(q.dtype)
   dk = jnp.einsum("bgrtk,bgrts->bgks", q, d_logits).swapaxes(-1, -2).astype(k.dtype)
-  dv = jnp.einsum("bgrtk,bgrts->bgks", d_out_BGRTK, probs.astype(dt)).swapaxes(-1, -2).astype(v.dtype)
+  dv = jnp.einsum("bgrtk,bgrts->bgks", d_out_s.astype(dt), weights.astype(dt)).swapaxes(-1, -2).astype(v.dtype)
   return dq, dk, dv, None
 
 
