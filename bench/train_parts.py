@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mm15_jax import machine  # noqa: E402
-from mm15_jax.config import DecoderConfig  # noqa: E402
+from mm15_jax.config import DecoderConfig, ModelConfig  # noqa: E402
 from mm15_jax.models import decoder as decoder_lib  # noqa: E402
 from mm15_jax.models import layers  # noqa: E402
 
@@ -119,8 +119,7 @@ def layer_pair(cfg: DecoderConfig, llama, b: int, t: int) -> dict[str, Callable[
           "torch": _torch_grad(forward, [tx, *theirs.parameters()], _cotangent(x.shape))}
 
 
-def optimizer_pair(quick: bool) -> dict[str, Callable[[], None]]:
-  cfg, shapes = train_step_lib.bench_config(quick), train_step_lib.bench_shapes(quick)
+def optimizer_pair(cfg: ModelConfig, shapes: train_step_lib.BenchShapes) -> dict[str, Callable[[], None]]:
   batch = train_step_lib.make_batch(cfg, shapes)
   ours = train_step_lib.JaxTrainer(cfg, batch)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), ours.state.params)
@@ -154,7 +153,7 @@ def run(*, rounds: int, quick: bool, torch_threads: int | None = None, command: 
   matmul = train_step_lib.matmul_fns(256 if quick else train_step_lib.MATMUL_SIDE)
   pairs = {"ffn": ffn_pair(cfg, llama, b, t), "attention": attention_pair(cfg, b, t),
            "layer": layer_pair(cfg, llama, b, t),
-           "optimizer": optimizer_pair(quick),
+           "optimizer": optimizer_pair(model_cfg, shapes),
            "matmul": {"ours": matmul["jax_matmul"], "torch": matmul["torch_matmul"]}}
   fns = {f"{part}/{side}": fn for part, pair in pairs.items() for side, fn in pair.items()}
   times = train_step_lib.time_interleaved(fns, rounds)

@@ -215,11 +215,15 @@ def maybe_remat(fn, remat: str):
   raise ValueError(f"unknown remat {remat!r} (config key model.remat, one of {REMAT_POLICIES})")
 
 
+def _slices(a_L) -> tuple:
+  return tuple(a_L[i] for i in range(a_L.shape[0]))
+
+
 @jax.custom_vjp
 def unstack(a_L):
   """a_L[0], a_L[1], ...: the layers of a stacked array. Its gradient is one stack of theirs; a slice's gradient would
   be a zero-padded full-size array per layer, summed (XLA:CPU keeps those pads: 7% of a 4-layer train step)."""
-  return tuple(a_L[i] for i in range(a_L.shape[0]))
+  return _slices(a_L)
 
 
 def _unstack_fwd(a_L):
@@ -233,10 +237,8 @@ def _unstack_bwd(_, cotangents):
 unstack.defvjp(_unstack_fwd, _unstack_bwd)
 
 
-def _layers_of(a_L):
-  if jnp.issubdtype(a_L.dtype, jnp.inexact):
-    return unstack(a_L)
-  return tuple(a_L[i] for i in range(a_L.shape[0]))  # no gradient
+def _layers_of(a_L) -> tuple:
+  return unstack(a_L) if jnp.issubdtype(a_L.dtype, jnp.inexact) else _slices(a_L)  # integers have no gradient
 
 
 def run_stack(stack: nnx.Module, body, carry, xs=None, *, length: int, scan: bool, remat: str):
@@ -255,10 +257,11 @@ def run_stack(stack: nnx.Module, body, carry, xs=None, *, length: int, scan: boo
   step = maybe_remat(step, remat)
   if scan:
     return jax.lax.scan(step, carry, (state, xs))
+  leaves, treedef = jax.tree.flatten(state)
+  leaf_layers = [_layers_of(a) for a in leaves]  # [leaf][layer]
   ys = []
-  layers_L = jax.tree.map(_layers_of, state)  # each leaf a tuple of its layers
   for i in range(length):
-    layer_state = jax.tree.map(lambda a: a[i], layers_L, is_leaf=lambda a: isinstance(a, tuple))
+    layer_state = treedef.unflatten([layers_of_leaf[i] for layers_of_leaf in leaf_layers])
     carry, y = step(carry, (layer_state, jax.tree.map(lambda a: a[i], xs)))
     ys.append(y)
   ys = jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys and ys[0] is not None else None
