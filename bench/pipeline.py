@@ -241,10 +241,16 @@ def decode_to_numpy(raw: list[bytes], max_pixels: int) -> None:
 
 
 def decode_and_split(per_sample: list[list[bytes]], s: Setting) -> None:
+  """The pipeline's image work alone: decode, split, and write the tiles (or, with data.split.enlarge_on_device,
+  their source pixels and extents) into new arrays, as the pipeline writes them into a batch."""
   for images in per_sample:
     decoded = [images_lib.decode_image(b, max_pixels=s.data.max_image_pixels) for b in images]
     for split in images_lib.split_images(decoded, s.data.split, tile_size=s.tile_size):
-      split.tiles  # pylint: disable=pointless-statement  (cut and padded, as the pipeline writes them into a batch)
+      out = np.zeros((split.n_tiles, s.tile_size, s.tile_size, 3), np.uint8)
+      if s.data.split.enlarge_on_device:
+        split.write_sources(out, np.zeros((split.n_tiles, 4), np.int32))
+      else:
+        split.write_tiles(out)
 
 
 def timed(fn, *args, exclude: RealisticImages | None = None) -> tuple[float, float]:

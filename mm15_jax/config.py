@@ -86,6 +86,9 @@ class SplitConfig:
   overview: bool = True          # add the whole image resized to one tile, after the tiles
   max_images_to_split: int = 2   # split only when a sample has fewer than 3 images
   resample: str = "fast"         # "fast" (OpenCV: box-reduce + bilinear/bicubic) | "antialias" (PIL bicubic)
+  # The model enlarges tiles (bicubic, on the accelerator): the batch carries each tile's source pixels and their
+  # extent (batch["image_extent"]), so the host never writes an enlarged tile. "fast" only; shrinks stay on the host.
+  enlarge_on_device: bool = True
 
 
 @dataclasses.dataclass

@@ -29,9 +29,10 @@ def test_cpu_compile_reports_memory_and_flops():
   # data parallel: every device holds all float32 parameters.
   assert r.params_bytes == 4 * _param_count(exp)
   assert 0 < r.opt_state_bytes < r.params_bytes  # AdaFactor's factored second moments
-  # one row of each batch array per device: 4 int32/float32 [64] rows, source_ids, images [2, 32, 32, 3], mask [2]
-  assert r.batch_bytes == 6 * 64 * 4 + 2 * 32 * 32 * 3 + 2
-  assert r.batch_shapes["images"] == (8, 2, 32, 32, 3)
+  # one row of each batch array per device: 4 int32/float32 [64] rows, source_ids, images [2, 32, 32, 3], mask [2],
+  # image_extent int32 [2, 4] (tiles enlarged in the model: data.split.enlarge_on_device)
+  assert r.batch_bytes == 6 * 64 * 4 + 2 * 32 * 32 * 3 + 2 + 2 * 4 * 4
+  assert r.batch_shapes["images"] == (8, 2, 32, 32, 3) and r.batch_shapes["image_extent"] == (8, 2, 4)
   assert r.temp_bytes > 0 and r.flops > 0
   assert r.total_bytes >= r.params_bytes + r.opt_state_bytes
   assert r.hbm_bytes is None and r.fits is None

@@ -92,17 +92,18 @@ def test_dynamic_tiles_row_major_and_overview_last():
   cfg = SplitConfig(mode="dynamic", n_min=2, n_max=6, overview=True, resample="antialias")
   split = images.split_image(pixels, cfg, tile_size=r)
   n_h, n_w = split.grid
-  assert (n_h, n_w) == images.choose_grid(20, 70, r, 2, 6)
+  assert (n_h, n_w) == images.choose_grid(20, 70, r, 2, 6) == (1, 4)
   assert split.overview and split.tiles.shape == (n_h * n_w + 1, r, r, 3)
-  # Reference canvas built directly: aspect-preserving resize into the grid canvas, pad bottom/right.
-  h_g, w_g = images.fit_size(20, 70, n_h * r, n_w * r)
-  assert abs(h_g / w_g - 20 / 70) < 0.05
-  canvas = np.empty((n_h * r, n_w * r, 3), np.uint8)
-  canvas[...] = images.PAD_RGB
-  canvas[:h_g, :w_g] = np.asarray(Image.fromarray(pixels).resize((w_g, h_g), Image.Resampling.BICUBIC))
-  for i in range(n_h):
-    for j in range(n_w):
-      np.testing.assert_array_equal(split.tiles[i * n_w + j], canvas[i * r:(i + 1) * r, j * r:(j + 1) * r])
+  # Reference built directly: the image cut into 20 x 20 blocks (the height binds: 20 > ceil(70 / 4)), each resized
+  # by 16/20 onto the top-left of its tile, the last (10 px wide) padded at the right.
+  assert split.block == 20
+  for j in range(n_w):
+    block = pixels[:, j * 20:(j + 1) * 20]
+    h, w = r, round(block.shape[1] * r / 20)
+    tile = np.empty((r, r, 3), np.uint8)
+    tile[...] = images.PAD_RGB
+    tile[:h, :w] = np.asarray(Image.fromarray(block).resize((w, h), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(split.tiles[j], tile)
   np.testing.assert_array_equal(split.tiles[-1], one_tile(pixels, r, "antialias"))
 
 
@@ -122,14 +123,9 @@ def test_multi_image_rule(resample):
   assert [s.tiles.shape[0] for s in two] == [5, 5]
   three = images.split_images([pixels] * 3, cfg, tile_size=8)
   assert [s.tiles.shape[0] for s in three] == [1, 1, 1] and all(s.grid is None for s in three)
-  # Overview only: the image fitted into one tile. "antialias" resamples a split image's overview from the image
-  # too; "fast" from its grid fit, which here has fewer pixels (16 x 16 < 20 x 20).
+  # Overview only: the image fitted into one tile, the same pixels as a split image's overview.
   np.testing.assert_array_equal(three[0].tiles[0], one_tile(pixels, 8, resample))
-  if resample == "antialias":
-    np.testing.assert_array_equal(three[0].tiles[0], two[0].tiles[-1])
-  else:
-    grid_fit = reference_resize(pixels, 16, 16, "fast")
-    assert_resampled(two[0].tiles[-1], reference_resize(grid_fit, 8, 8, "fast"), "fast")
+  np.testing.assert_array_equal(three[0].tiles[0], two[0].tiles[-1])
 
 
 def test_bad_split_config():
@@ -179,16 +175,15 @@ def interpolation_weights(n_in: int, n_out: int, kind: str) -> np.ndarray:
 
 
 def reference_resize(pixels, h_out, w_out, resample):
-  """uint8 [h_out, w_out, 3]. "antialias": one PIL bicubic resize. "fast", from its definition: k x k block means
-  with k = floor(shrink) (rows/columns past a multiple of k dropped), then bilinear for a shrink, bicubic for an
+  """uint8 [h_out, w_out, 3]. "antialias": one PIL bicubic resize. "fast", from its definition: 2 x 2 pixel means
+  (an odd last row/column dropped) while the shrink is 2x or more, then bilinear for a shrink, bicubic for an
   enlargement."""
   if resample == "antialias":
     return np.asarray(Image.fromarray(pixels).resize((w_out, h_out), Image.Resampling.BICUBIC))
   (h, w), x = pixels.shape[:2], pixels.astype(np.float64)
-  k = min(h // h_out, w // w_out)
-  if k >= 2:
-    h, w = h // k, w // k
-    x = np.round(x[:h * k, :w * k].reshape(h, k, w, k, 3).mean(axis=(1, 3)))
+  while h >= 2 * h_out and w >= 2 * w_out:
+    h, w = h // 2, w // 2
+    x = np.floor(x[:h * 2, :w * 2].reshape(h, 2, w, 2, 3).mean(axis=(1, 3)) + 0.5)
   if (h, w) != (h_out, w_out):
     kind = "linear" if h * w > h_out * w_out else "cubic"
     x = (interpolation_weights(h, h_out, kind) @ x.reshape(h, w * 3)).reshape(h_out, w, 3)
@@ -205,32 +200,31 @@ def assert_resampled(got, expected, resample):
     assert np.abs(got.astype(int) - expected).max() <= 1
 
 
-def reference_fit(pixels, source, canvas_h, canvas_w, resample):
-  """`pixels` fitted into the canvas (aspect kept, top-left, PAD_RGB around), resampled from `source`."""
-  h_g, w_g = images.fit_size(*pixels.shape[:2], canvas_h, canvas_w)
-  canvas = np.empty((canvas_h, canvas_w, 3), np.uint8)
-  canvas[...] = images.PAD_RGB
-  canvas[:h_g, :w_g] = reference_resize(source, h_g, w_g, resample)
-  return canvas
+def reference_tile(block, side, tile, resample):
+  """A block of a side x side square on a tile x tile tile: resized at tile / side, top-left, PAD_RGB around."""
+  out = np.empty((tile, tile, 3), np.uint8)
+  out[...] = images.PAD_RGB
+  if block.size:
+    h, w = (min(tile, max(1, round(n * tile / side))) for n in block.shape[:2])
+    out[:h, :w] = reference_resize(block, h, w, resample)
+  return out
 
 
 def reference_split(pixels, grid, tile, resample="antialias"):
-  """Tiles computed the direct way: one resize onto a padded canvas, cut row-major, then the overview, resized from
-  the image ("antialias") or from whichever of the image and the grid fit has fewer pixels ("fast")."""
-  n_h, n_w = grid
-  grid_canvas = reference_fit(pixels, pixels, n_h * tile, n_w * tile, resample)
-  tiles = grid_canvas.reshape(n_h, tile, n_w, tile, 3).transpose(0, 2, 1, 3, 4)
-  h_g, w_g = images.fit_size(*pixels.shape[:2], n_h * tile, n_w * tile)
-  source = grid_canvas[:h_g, :w_g] if resample == "fast" and h_g * w_g < pixels.shape[0] * pixels.shape[1] else pixels
-  return np.concatenate([tiles.reshape(n_h * n_w, tile, tile, 3),
-                         reference_fit(pixels, source, tile, tile, resample)[None]])
+  """Tiles computed from the definition: the smallest square k whose grid covers the image, the image cut into
+  k x k blocks (row-major), each resized onto its tile, then the whole image as the overview."""
+  (n_h, n_w), (h, w) = grid, pixels.shape[:2]
+  k = max(-(-h // n_h), -(-w // n_w))
+  tiles = [reference_tile(pixels[i * k:(i + 1) * k, j * k:(j + 1) * k], k, tile, resample)
+           for i in range(n_h) for j in range(n_w)]
+  return np.stack(tiles + [reference_tile(pixels, max(h, w), tile, resample)])
 
 
 @pytest.mark.parametrize("h, w, cfg", [
-    (290, 200, SplitConfig(mode="static", static_grid=2)),   # grid canvas shrinks 1.45x, the overview 2.9x
+    (290, 200, SplitConfig(mode="static", static_grid=2)),   # grid tiles shrink 1.45x, the overview 2.9x
     (60, 170, SplitConfig(mode="static", static_grid=3)),    # the bottom tile row is all padding
     (70, 260, SplitConfig(mode="dynamic", n_min=2, n_max=6)),  # wide, upscaled into the grid
-    (200, 200, SplitConfig(mode="dynamic", n_min=4, n_max=4)),  # exact fit: the grid canvas is not resized
+    (200, 200, SplitConfig(mode="dynamic", n_min=4, n_max=4)),  # exact fit: the grid tiles are not resized
 ])
 def test_split_equals_direct_reference_below_reducing_shrink(h, w, cfg):
   tile = 100
@@ -242,24 +236,72 @@ def test_split_equals_direct_reference_below_reducing_shrink(h, w, cfg):
 
 
 @pytest.mark.parametrize("h, w, cfg", [
-    (290, 200, SplitConfig(mode="static", static_grid=2)),   # grid canvas shrinks 1.45x (bilinear only)
-    (550, 425, SplitConfig(mode="static", static_grid=2)),   # 2.75x: 2x2 block means, then bilinear
+    (290, 200, SplitConfig(mode="static", static_grid=2)),   # grid tiles shrink 1.45x (bilinear only)
+    (550, 425, SplitConfig(mode="static", static_grid=2)),   # overview 5.5x: halved twice, then bilinear
     (60, 170, SplitConfig(mode="static", static_grid=3)),    # enlarged (bicubic); bottom tile row all padding
     (70, 260, SplitConfig(mode="dynamic", n_min=2, n_max=6)),  # wide, enlarged into the grid
-    (200, 200, SplitConfig(mode="dynamic", n_min=4, n_max=4)),  # exact fit: the grid canvas is not resized
-    (1000, 400, SplitConfig(mode="none")),                   # 10x: 10x10 block means
+    (200, 200, SplitConfig(mode="dynamic", n_min=4, n_max=4)),  # exact fit: the grid tiles are not resized
+    (1000, 400, SplitConfig(mode="none")),                   # 10x: halved three times, then bilinear
 ])
 def test_fast_split_equals_its_definition(h, w, cfg):
   tile = 100
   pixels = natural_image(h, w, seed=h)
   split = images.split_image(pixels, cfg, tile_size=tile)
   expected = (reference_split(pixels, split.grid, tile, "fast") if split.grid else
-              reference_fit(pixels, pixels, tile, tile, "fast")[None])
+              reference_tile(pixels, max(h, w), tile, "fast")[None])
   assert_resampled(split.tiles, expected, "fast")
 
 
+@pytest.mark.parametrize("resample", images.RESAMPLE_MODES)
+def test_block_tiles_equal_a_whole_image_resize_away_from_tile_edges(resample):
+  # 120 x 180 onto a 2 x 3 grid of 100 px tiles: 60 px blocks, the same 5/3 scale as resizing the whole image to
+  # 200 x 300. Each block's edges replicate where the whole-image resize looks across; the bicubic kernel reaches
+  # 2 source pixels, i.e. 3 tile pixels here, so only those rows and columns may differ.
+  pixels, tile = natural_image(120, 180, seed=5), 100
+  cfg = SplitConfig(mode="dynamic", n_min=6, n_max=6, overview=False, resample=resample)
+  split = images.split_image(pixels, cfg, tile_size=tile)
+  assert split.grid == (2, 3) and split.block == 60
+  whole = reference_resize(pixels, 200, 300, resample)
+  edge_diffs = []
+  for i in range(2):
+    for j in range(3):
+      got, expected = split.tiles[i * 3 + j].astype(int), whole[i * tile:(i + 1) * tile, j * tile:(j + 1) * tile]
+      inner = (slice(3 if i else 0, tile - 3 if i < 1 else tile), slice(3 if j else 0, tile - 3 if j < 2 else tile))
+      assert np.abs(got[inner] - expected[inner]).max() <= 1
+      edge_diffs.append(np.abs(got - expected).max())
+  assert max(edge_diffs) > 4  # the edges do differ
+
+
+def test_write_sources_keeps_enlarged_blocks_and_resizes_shrunk_ones():
+  tile = 100
+  # A 2 x 2 grid of 45 px blocks and the 90 px overview, all enlarged onto 100 px tiles: copied, not resized.
+  pixels = natural_image(90, 90, seed=7)
+  split = images.split_image(pixels, SplitConfig(mode="static", static_grid=2), tile_size=tile)
+  out, extent = np.zeros((5, tile, tile, 3), np.uint8), np.zeros((5, 4), np.int32)
+  split.write_sources(out, extent)
+  assert split.block == 45
+  np.testing.assert_array_equal(extent, [[45, 45, 100, 100]] * 4 + [[90, 90, 100, 100]])
+  np.testing.assert_array_equal(out[3, :45, :45], pixels[45:, 45:])
+  assert not out[3, 45:].any() and not out[3, :, 45:].any()  # the rest left for the model to pad
+  np.testing.assert_array_equal(out[4, :90, :90], pixels)
+  # A shrink stays on the host: the overview of a 150 x 90 image (onto 100 x 60) arrives resized.
+  wide = natural_image(90, 150, seed=8)
+  split = images.split_image(wide, SplitConfig(mode="static", static_grid=2), tile_size=tile)
+  out, extent = np.zeros((5, tile, tile, 3), np.uint8), np.zeros((5, 4), np.int32)
+  split.write_sources(out, extent)
+  np.testing.assert_array_equal(extent[4], [60, 100, 60, 100])
+  np.testing.assert_array_equal(out[4, :60], split.tiles[4, :60])
+  np.testing.assert_array_equal(extent[:2], [[75, 75, 100, 100], [75, 75, 100, 100]])
+  np.testing.assert_array_equal(extent[2:4], [[15, 75, 20, 100], [15, 75, 20, 100]])
+  # "antialias": every tile resized here.
+  split = images.split_image(pixels, SplitConfig(mode="static", static_grid=2, resample="antialias"), tile_size=tile)
+  split.write_sources(out, extent)
+  np.testing.assert_array_equal(extent[:, :2], extent[:, 2:])
+  np.testing.assert_array_equal(out[0], split.tiles[0])
+
+
 def test_antialias_large_shrinks_are_close_to_exact_bicubic():
-  # A 200 dpi page and the paper's 672 px tiles, both scaled by 1/4: grid canvas shrink 1.64 (exact),
+  # A 200 dpi page and the paper's 672 px tiles, both scaled by 1/4: grid tiles shrink 1.64 (exact),
   # overview shrink 3.3 (2x2 blocks averaged first, then bicubic).
   pixels, tile = natural_image(550, 425, seed=3), 168
   split = images.split_image(pixels, SplitConfig(mode="static", static_grid=2, resample="antialias"),
@@ -302,7 +344,7 @@ def test_fast_shrinks_average_blocks_before_resampling():
 
 @pytest.mark.parametrize("shrink, max_mean_diff", [(1.64, 2.5), (3.3, 4.0)])
 def test_fast_is_close_to_antialias_on_a_page(shrink, max_mean_diff):
-  # The shrinks of a 200 dpi page onto stage 2's grid canvas (1.64x) and overview (3.3x), at 1/4 scale. Measured
+  # The shrinks of a 200 dpi page onto stage 2's grid tiles (1.64x) and overview (3.3x), at 1/4 scale. Measured
   # mean differences 2.1 and 3.4 levels (of 255), mostly on text edges; plain bicubic interpolation: 3.2 and 5.9.
   pixels = natural_image(550, 425, seed=3)
   h, w = round(550 / shrink), round(425 / shrink)

@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mm15_jax.config import ConnectorConfig, DecoderConfig, ModelConfig, MoEConfig, VisionConfig
+from mm15_jax.config import ConnectorConfig, DecoderConfig, ModelConfig, MoEConfig, SplitConfig, VisionConfig
+from mm15_jax.data import images as images_lib
 from mm15_jax.models import multimodal as mm
 from mm15_jax.models import vit
 
@@ -100,3 +101,56 @@ def test_resize_image_size_for_stage_transition():
   params = vit.resize_params_image_size(nnx.state(fresh, nnx.Param), 32, patch_size=4)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(nnx.state(model, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def split_sources(pixels_list, cfg, tile):
+  """(sources uint8 [N, S, S, 3], extents int32 [N, 4], host tiles uint8 [N, S, S, 3]) of images split by `cfg`, plus
+  one unused slot (zeros)."""
+  splits = [images_lib.split_image(p, cfg, tile_size=tile) for p in pixels_list]
+  n = sum(s.n_tiles for s in splits) + 1
+  sources, extents = np.zeros((n, tile, tile, 3), np.uint8), np.zeros((n, 4), np.int32)
+  host = np.zeros_like(sources)
+  start = 0
+  for s in splits:
+    s.write_sources(sources[start:start + s.n_tiles], extents[start:start + s.n_tiles])
+    s.write_tiles(host[start:start + s.n_tiles])
+    start += s.n_tiles
+  return sources, extents, host
+
+
+def test_enlarge_tiles_equals_the_host_resize_and_its_definition():
+  from test_images import interpolation_weights, natural_image
+  tile = 40
+  pixels = [natural_image(30, 52, seed=1), natural_image(24, 21, seed=2), natural_image(90, 70, seed=3)]
+  cfg = SplitConfig(mode="dynamic", n_min=2, n_max=4)
+  sources, extents, host = split_sources(pixels, cfg, tile)
+  enlarged = extents[:, 0] < extents[:, 2]
+  assert enlarged.sum() >= 5 and (~enlarged[:-1]).any()  # enlarged blocks and host-shrunk ones; the last unused
+  got = np.asarray(jax.jit(mm.enlarge_tiles)(sources, extents))
+  assert got.dtype == np.float32 and got.shape == host.shape
+  # The host's OpenCV resize, to within its fixed-point rounding; the unused slot all padding.
+  diff = np.abs(got[:-1] - host[:-1])
+  assert diff.max() <= 1 and diff.mean() < 0.3, (diff.max(), diff.mean())
+  assert (got[-1] == images_lib.PAD_RGB).all()
+  # The bicubic definition (float64, not rounded) on each enlarged block.
+  for n in np.flatnonzero(enlarged):
+    b_h, b_w, h, w = extents[n]
+    block = sources[n, :b_h, :b_w].astype(np.float64)
+    want = np.einsum("oi,ijc,pj->opc", interpolation_weights(b_h, h, "cubic"), block,
+                     interpolation_weights(b_w, w, "cubic"))
+    np.testing.assert_allclose(got[n, :h, :w], np.clip(want, 0, 255), atol=2e-3)
+    assert (got[n, h:] == images_lib.PAD_RGB).all() and (got[n, :, w:] == images_lib.PAD_RGB).all()
+
+
+def test_encode_images_enlarges_with_extents():
+  model = mm.MultimodalModel(tiny_config(dtype="float32"), rngs=nnx.Rngs(0))
+  from test_images import natural_image
+  sources, extents, host = split_sources([natural_image(20, 26, seed=4), natural_image(20, 20, seed=5)],
+                                         SplitConfig(mode="static", static_grid=2), 16)
+  sources, extents, host = sources[None], extents[None], host[None]  # one row
+  got = nnx.jit(lambda m: m.encode_images(sources, extents))(model)
+  want = nnx.jit(lambda m: m.encode_images(mm.enlarge_tiles(sources[0], extents[0])[None]))(model)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+  rounded = nnx.jit(lambda m: m.encode_images(host))(model)  # the host's uint8 tiles: within their rounding
+  np.testing.assert_allclose(np.asarray(got)[:, :-1], np.asarray(rounded)[:, :-1], atol=0.05)  # the last unused
+  assert np.abs(np.asarray(got) - np.asarray(nnx.jit(lambda m: m.encode_images(sources))(model))).max() > 0.1

@@ -44,6 +44,20 @@ def test_sharded_init_and_forward_equal_unsharded():
   for k in want_aux:
     np.testing.assert_allclose(float(got_aux[k]), float(want_aux[k]), rtol=1e-5)
 
+  # Tiles enlarged in the model (data.split.enlarge_on_device): per-slot extents, sharded over the batch as well.
+  extent = np.random.RandomState(1).randint(1, 17, (4, 3, 4)).astype(np.int32)
+  extent[..., 2:] = np.maximum(extent[..., 2:], extent[..., :2])
+
+  @jax.jit
+  def fwd_extent(state, data, extent):
+    return nnx.merge(graphdef, state)(*data, image_token_id=IMG, image_extent=extent)
+
+  want_e, _ = fwd_extent(nnx.state(plain), inputs, extent)
+  assert np.abs(np.asarray(want_e) - np.asarray(want)).max() > 1e-3
+  with sharding.use_mesh(mesh):
+    got_e, _ = fwd_extent(state, data, jax.device_put(extent, sharding.named_sharding(mesh, ("batch", None, None))))
+  np.testing.assert_allclose(np.asarray(got_e), np.asarray(want_e), atol=2e-5)
+
 
 def test_indivisible_axis_names_the_parameter_and_mesh_key():
   cfg = tiny_config()  # 2 key/value heads: a tensor axis of 4 cannot split them

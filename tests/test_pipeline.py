@@ -54,7 +54,7 @@ def make(tok, cfg, sources, batch_size=4, **kw):
 
 
 def segments(batch, image_id):
-  """(row, source_id, tokens, targets, loss_mask, positions, tiles) of every packed sample."""
+  """(row, source_id, tokens, targets, loss_mask, positions, (tiles, extents or None)) of every packed sample."""
   out = []
   for r in range(batch["tokens"].shape[0]):
     first_image = 0
@@ -62,7 +62,8 @@ def segments(batch, image_id):
       at = batch["segment_ids"][r] == seg
       toks = batch["tokens"][r, at]
       n_tiles = int((toks == image_id).sum()) // T
-      tiles = batch["images"][r, first_image:first_image + n_tiles]
+      slots = slice(first_image, first_image + n_tiles)
+      tiles = (batch["images"][r, slots], batch["image_extent"][r, slots] if "image_extent" in batch else None)
       first_image += n_tiles
       out.append((r, int(batch["source_ids"][r, at][0]), toks, batch["targets"][r, at], batch["loss_mask"][r, at],
                   batch["positions"][r, at], tiles))
@@ -80,9 +81,14 @@ def test_batch_contract(tok):
   expected = {"tokens": ((4, 48), np.int32), "targets": ((4, 48), np.int32), "loss_mask": ((4, 48), np.float32),
               "segment_ids": ((4, 48), np.int32), "positions": ((4, 48), np.int32),
               "images": ((4, 6, S, S, 3), np.uint8), "image_mask": ((4, 6), np.bool_),
-              "source_ids": ((4, 48), np.int32), "stat_bad_records": ((4,), np.int32),
-              "stat_samples": ((4,), np.int32)}
+              "image_extent": ((4, 6, 4), np.int32), "source_ids": ((4, 48), np.int32),
+              "stat_bad_records": ((4,), np.int32), "stat_samples": ((4,), np.int32)}
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+  # Tiles resized on the host: finished tiles, no extents.
+  host = config(mixture.stage1_mixture(), split=SplitConfig(mode="none", tile_size=S, enlarge_on_device=False))
+  host_batch = next(make(tok, host, STAGE1))
+  assert {k: (v.shape, v.dtype) for k, v in host_batch.items()} == {
+      k: v for k, v in expected.items() if k != "image_extent"}
   pad = batch["segment_ids"] == 0
   assert (batch["source_ids"][pad] == -1).all() and (batch["loss_mask"][pad] == 0).all()
   assert (batch["tokens"][pad] == tok.pad_id).all() and (batch["source_ids"][~pad] >= 0).all()
@@ -94,7 +100,7 @@ def test_packed_segments_decode_back_to_their_samples(tok):
   spec = samples.SampleSpec.from_config(cfg, tile_size=S, tokens_per_tile=T)
   it = make(tok, cfg, STAGE1)
   names = pipeline.source_names(cfg)
-  n_segments = 0
+  n_segments = n_enlarged = 0
   for _ in range(4):
     for _, source_id, toks, targets, mask, positions, tiles in segments(next(it), tok.image_id):
       name = names[source_id]
@@ -104,9 +110,14 @@ def test_packed_segments_decode_back_to_their_samples(tok):
       np.testing.assert_array_equal(targets, ref.ids[1:])  # shifted inside the segment; last target is EOS
       np.testing.assert_array_equal(mask, ref.loss_mask[1:])
       np.testing.assert_array_equal(positions, np.arange(len(toks)))
-      np.testing.assert_array_equal(tiles, ref.tiles)  # images travel with their sample, in placeholder order
+      # Images travel with their sample, in placeholder order: source pixels and extents for the model to enlarge.
+      ref_tiles, ref_extent = np.zeros_like(tiles[0]), np.zeros_like(tiles[1])
+      ref.write_tiles(ref_tiles, ref_extent)
+      np.testing.assert_array_equal(tiles[0], ref_tiles)
+      np.testing.assert_array_equal(tiles[1], ref_extent)
+      n_enlarged += int((tiles[1][:, 0] < tiles[1][:, 2]).sum())
       n_segments += 1
-  assert n_segments > 16
+  assert n_segments > 16 and n_enlarged > 16  # 6 px images onto 8 px tiles
   assert 0.5 < it.packing_efficiency <= 1.0
 
 
@@ -314,11 +325,12 @@ def test_open_sources_reads_what_records_wrote(tok, tmp_path):
 
 
 def test_best_fit_places_each_sample_in_the_tightest_row():
-  rows = pipeline._Rows(batch_size=3, seq_len=10, max_images=4, tile_size=1, pack=True, pad_id=0)
+  rows = pipeline._Rows(batch_size=3, seq_len=10, max_images=4, tile_size=1, pack=True, pad_id=0,
+                        enlarge_on_device=True)
 
   def unit(length, n_tiles=0):
     ids = np.arange(length + 1, dtype=np.int32)
-    pixel = images.SplitImage(None, False, 1, np.zeros((1, 1, 3), np.uint8), None)  # one unsplit 1 px tile
+    pixel = images.SplitImage(None, False, 1, np.zeros((1, 1, 3), np.uint8), 1, "fast")  # one unsplit 1 px tile
     sample = samples.Sample(ids, np.ones(length + 1, np.float32), (pixel,) * n_tiles, 1)
     return {"samples": [(sample, 0)], "bad": []}
 

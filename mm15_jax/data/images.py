@@ -1,8 +1,14 @@
 """Image decoding and AnyRes splitting into tiles (numpy, OpenCV, PIL).
 
-Splitting never stretches: an image is resized keeping its aspect ratio to fit a canvas, placed at the top-left
-corner and padded at the bottom/right with the CLIP mean colour (which normalises to ~0 inside the model). Boxes in
-text are on a 0..1000 grid of the WHOLE image, so splitting never touches text.
+Splitting never stretches: the image is cut into the square blocks that its grid of tiles covers (the smallest such
+square: the image fills the grid's width or height to within one source pixel per tile), each block is resized
+onto its tile at one scale for both axes, placed at the top-left and padded at the bottom/right with the CLIP mean colour (which
+normalises to ~0 inside the model). Resizing each block rather than the whole image differs from a resize of the
+whole image only within the two pixels next to a tile edge (the edges replicate instead of looking across); in
+exchange each tile is resized straight into its batch slot, or, with SplitConfig.enlarge_on_device, its source
+pixels (at most a tile's worth when it is enlarged) are copied there and the model enlarges them
+(`multimodal.enlarge_tiles`): the host then decodes and copies, and never writes the 3-6x larger tiles of a photo.
+Boxes in text are on a 0..1000 grid of the WHOLE image, so splitting never touches text.
 
 Modes (SplitConfig.mode):
   "none":    one tile, the whole image fitted into a tile x tile square (padded, not stretched).
@@ -12,9 +18,9 @@ The overview (the whole image fitted into one tile) comes AFTER the tiles: under
 every tile. A sample with more than `max_images_to_split` images is not split: each image is one overview-like tile.
 
 Resampling (SplitConfig.resample), measured in BENCHMARKS.md section 2:
-  "fast":      enlargements bicubic (OpenCV, a = -0.75); a shrink by s first averages whole k x k pixel blocks,
-               k = floor(s), then resamples bilinearly by the rest (< 2x). 5-10x less CPU per resize; fine
-               detail shrunk by less than 2x can alias (a 1-pixel checkerboard does), which "antialias" blurs away.
+  "fast":      enlargements bicubic (OpenCV, a = -0.75); a shrink by s >= 2 first halves the image (2 x 2 pixel
+               means) until less than 2x is left, then resamples bilinearly by the rest. 5-10x less CPU per resize;
+               fine detail shrunk by less than 2x can alias (a 1-pixel checkerboard does), which "antialias" blurs.
   "antialias": PIL's bicubic, antialiased for shrinks (the filter widens with the shrink): the reference.
 """
 from __future__ import annotations
@@ -73,25 +79,54 @@ def keep_buffers_in_heap() -> bool:
 
 
 class SplitImage(NamedTuple):
-  """One image's tiles, in the order their placeholders appear in the text, kept as the resized pictures they are
-  cut from: `write_tiles` pads and cuts them straight into a batch's tile slots, so each tile pixel is written once
-  after resizing (a sample's 5-10 tiles of 672 px are 7-14 MB)."""
+  """One image's tiles, in the order their placeholders appear in the text, kept as the decoded picture and the square
+  block of it that each tile shows.
+
+  The grid's tiles cut the picture into `block` x `block` pixel squares, row-major (the last row and column of blocks
+  may be cut short by the picture's edge, or be empty); the overview, or the one tile of an unsplit image, shows the
+  whole picture as a max(h, w) square. A block of b_h x b_w pixels in a square of `side` pixels becomes the tile's
+  top-left round(b_h * S / side) x round(b_w * S / side) pixels (the same scale on both axes: never stretched), the
+  rest PAD_RGB. Blocks, not the whole picture, are resized, so that each tile is resized straight into its batch slot
+  (`write_tiles`), or its source pixels are copied there for the model to enlarge (`write_sources`)."""
   grid: tuple[int, int] | None       # (n_h, n_w); None: not split (one tile = the whole image)
   overview: bool                     # whether the last tile is the overview
   tile_size: int                     # S
-  fitted: np.ndarray                 # uint8 [h, w, 3]: fitted (unpadded) into the grid canvas, or the one tile
-  overview_fitted: np.ndarray | None  # uint8 [h_o, w_o, 3]: fitted into one tile, when `overview`
+  pixels: np.ndarray                 # uint8 [h, w, 3]: the decoded image
+  block: int                         # source pixels per side of a grid tile (the longer side when not split)
+  resample: str                      # SplitConfig.resample
 
   @property
   def n_tiles(self) -> int:
     return (1 if self.grid is None else self.grid[0] * self.grid[1]) + int(self.overview)
 
+  def blocks(self) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """Per tile: its source block (a view of `pixels`, [b_h, b_w, 3]) and the (rows, cols) it covers on the tile."""
+    (n_h, n_w), k = self.grid or (1, 1), self.block
+    squares = [(self.pixels[i * k:(i + 1) * k, j * k:(j + 1) * k], k) for i in range(n_h) for j in range(n_w)]
+    if self.overview:
+      squares.append((self.pixels, max(self.pixels.shape[:2])))
+    return [(block, placed_size(*block.shape[:2], side, self.tile_size)) for block, side in squares]
+
   def write_tiles(self, out: np.ndarray) -> None:
     """out uint8 [n_tiles, S, S, 3], each tile C-contiguous = row-major grid tiles, then the overview if any."""
-    n = self.n_tiles - int(self.overview)
-    _cut_into(out[:n], self.fitted, self.grid or (1, 1))
-    if self.overview:
-      _pad_into(out[n], self.overview_fitted)
+    for slot, (block, (h, w)) in zip(out, self.blocks()):
+      if (h, w) == slot.shape[:2]:
+        resize(block, h, w, self.resample, out=slot)
+      else:
+        _pad_into(slot, resize(block, h, w, self.resample) if h and w else block[:0, :0])
+
+  def write_sources(self, out: np.ndarray, extent: np.ndarray) -> None:
+    """For the model to enlarge the tiles (`multimodal.enlarge_tiles`, SplitConfig.enlarge_on_device): out uint8
+    [n_tiles, S, S, 3] (zeros) gets each tile's source pixels at its top-left, extent int32 [n_tiles, 4] their
+    (rows, cols) and the (rows, cols) they cover on the tile. A block that shrinks, or any block under "antialias",
+    is resized here and its extent says so (rows, cols twice). Padding is the model's."""
+    for slot, row, (block, (h, w)) in zip(out, extent, self.blocks()):
+      b_h, b_w = block.shape[:2]
+      if not (self.resample == "fast" and b_h <= h and b_w <= w):
+        block = resize(block, h, w, self.resample) if h and w else block[:0, :0]
+        b_h, b_w = h, w
+      slot.reshape(slot.shape[0], -1)[:b_h, :b_w * 3] = block.reshape(b_h, b_w * 3)
+      row[:] = (b_h, b_w, h, w)
 
   @property
   def tiles(self) -> np.ndarray:
@@ -168,35 +203,39 @@ def choose_grid(h: int, w: int, tile: int, n_min: int, n_max: int) -> tuple[int,
   return min(no_downscale or downscale)[1]
 
 
-def resize(image: np.ndarray, h_out: int, w_out: int, resample: str = "fast") -> np.ndarray:
-  """uint8 [h, w, 3] -> [h_out, w_out, 3] with the SplitConfig.resample filter (see the module docstring)."""
+def placed_size(h: int, w: int, side: int, tile: int) -> tuple[int, int]:
+  """(rows, cols) that an h x w block of a side x side square covers on a tile x tile tile (at least one of each
+  when the block has pixels)."""
+  return tuple(min(tile, max(1, round(n * tile / side))) if n else 0 for n in (h, w))
+
+
+def resize(image: np.ndarray, h_out: int, w_out: int, resample: str = "fast",
+           out: np.ndarray | None = None) -> np.ndarray:
+  """uint8 [h, w, 3] -> [h_out, w_out, 3] with the SplitConfig.resample filter (see the module docstring), written
+  into `out` (uint8 [h_out, w_out, 3], C-contiguous) when given."""
   h, w = image.shape[:2]
-  if (h, w) == (h_out, w_out):
+  if (h, w) != (h_out, w_out):
+    if resample == "antialias":
+      image = np.asarray(Image.fromarray(image).resize((w_out, h_out), Image.Resampling.BICUBIC,
+                                                       reducing_gap=REDUCING_GAP))
+    elif resample != "fast":
+      raise ValueError(f"data.split.resample must be one of {RESAMPLE_MODES}, got {resample!r}")
+    else:
+      while h >= 2 * h_out and w >= 2 * w_out:
+        # Halved: exact 2 x 2 pixel means (OpenCV's vectorised INTER_AREA path; 6x faster than its 3 x 3 means
+        # for a page). An odd last row/column is dropped: one input pixel, less than half an output pixel.
+        h, w = h // 2, w // 2
+        image = cv2.resize(image[:h * 2, :w * 2], (w, h), interpolation=cv2.INTER_AREA)
+      if (h, w) != (h_out, w_out):
+        # Bilinear for the remaining shrink (< 2x: closer to the antialiased filter than bicubic, measured).
+        interpolation = cv2.INTER_LINEAR if h * w > h_out * w_out else cv2.INTER_CUBIC
+        if out is not None:
+          return cv2.resize(image, (w_out, h_out), dst=out, interpolation=interpolation)
+        return cv2.resize(image, (w_out, h_out), interpolation=interpolation)
+  if out is None:
     return image
-  if resample == "antialias":
-    return np.asarray(Image.fromarray(image).resize((w_out, h_out), Image.Resampling.BICUBIC,
-                                                    reducing_gap=REDUCING_GAP))
-  if resample != "fast":
-    raise ValueError(f"data.split.resample must be one of {RESAMPLE_MODES}, got {resample!r}")
-  k = min(h // h_out, w // w_out)  # floor of the shrink
-  if k >= 2:
-    # Exact k x k block means (OpenCV's integer INTER_AREA path). The rows/columns past a multiple of k are
-    # dropped: fewer than k input pixels, less than one output pixel.
-    h, w = h // k, w // k
-    image = cv2.resize(image[:h * k, :w * k], (w, h), interpolation=cv2.INTER_AREA)
-  if (h, w) == (h_out, w_out):
-    return image
-  # Bilinear for the remaining shrink (< 2x: closer to the antialiased filter than bicubic, measured).
-  interpolation = cv2.INTER_LINEAR if h * w > h_out * w_out else cv2.INTER_CUBIC
-  return cv2.resize(image, (w_out, h_out), interpolation=interpolation)
-
-
-def _fitted(image: np.ndarray, canvas_h: int, canvas_w: int, resample: str,
-            source: np.ndarray | None = None) -> np.ndarray:
-  """uint8 [h_g, w_g, 3]: `image` resized keeping its aspect ratio to fit the canvas, resampled from `source` (the
-  same picture at another size, e.g. already fitted to a bigger canvas) when given."""
-  h_g, w_g = fit_size(*image.shape[:2], canvas_h, canvas_w)
-  return resize(image if source is None else source, h_g, w_g, resample)
+  out[...] = image
+  return out
 
 
 def _pad_into(out: np.ndarray, part: np.ndarray) -> None:
@@ -210,15 +249,6 @@ def _pad_into(out: np.ndarray, part: np.ndarray) -> None:
   rows[:h, :w * 3] = part.reshape(h, w * 3)
   rows[:h, w * 3:] = pad_row[w * 3:]
   rows[h:] = pad_row
-
-
-def _cut_into(tiles: np.ndarray, fitted: np.ndarray, grid: tuple[int, int]) -> None:
-  """tiles uint8 [n_h*n_w, S, S, 3] = the row-major tiles of `fitted` padded to the (n_h*S, n_w*S) canvas (no
-  intermediate canvas)."""
-  (n_h, n_w), tile = grid, tiles.shape[1]
-  for i in range(n_h):
-    for j in range(n_w):
-      _pad_into(tiles[i * n_w + j], fitted[i * tile:(i + 1) * tile, j * tile:(j + 1) * tile])
 
 
 def check_split_config(cfg: SplitConfig) -> None:
@@ -236,21 +266,15 @@ def split_image(image: np.ndarray, cfg: SplitConfig, *, tile_size: int | None = 
   """One decoded image -> its tiles. `n_max` overrides cfg.n_max (inference may use more tiles)."""
   tile = tile_size or cfg.tile_size
   check_split_config(cfg)
+  h, w = image.shape[:2]
   if cfg.mode == "none" or not allow_split:
-    return SplitImage(None, False, tile, _fitted(image, tile, tile, cfg.resample), None)
+    return SplitImage(None, False, tile, image, max(h, w), cfg.resample)
   if cfg.mode == "static":
     grid = (cfg.static_grid, cfg.static_grid)
   else:
-    h, w = image.shape[:2]
     grid = choose_grid(h, w, tile, cfg.n_min, cfg.n_max if n_max is None else n_max)
-  fitted = _fitted(image, grid[0] * tile, grid[1] * tile, cfg.resample)
-  overview = None
-  if cfg.overview:
-    # "fast" shrinks the overview from whichever of the image and its grid fit has fewer pixels (a page scan's
-    # grid fit is ~2.7x smaller); "antialias" always from the image, as its reference.
-    smaller = cfg.resample == "fast" and fitted.size < image.size
-    overview = _fitted(image, tile, tile, cfg.resample, fitted if smaller else None)
-  return SplitImage(grid, cfg.overview, tile, fitted, overview)
+  block = max(-(-h // grid[0]), -(-w // grid[1]))  # the smallest square whose grid covers the image
+  return SplitImage(grid, cfg.overview, tile, image, block, cfg.resample)
 
 
 def split_images(images: Sequence[np.ndarray], cfg: SplitConfig, *, tile_size: int | None = None,

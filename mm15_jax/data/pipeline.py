@@ -141,7 +141,8 @@ class _UnitMaker:
 class _Rows:
   """One batch under construction: best-fit placement of samples into rows."""
 
-  def __init__(self, batch_size: int, seq_len: int, max_images: int, tile_size: int, pack: bool, pad_id: int):
+  def __init__(self, batch_size: int, seq_len: int, max_images: int, tile_size: int, pack: bool, pad_id: int,
+               enlarge_on_device: bool):
     b, t, n, s = batch_size, seq_len, max_images, tile_size
     self.seq_len, self.max_images, self.pack = t, n, pack
     self.tokens = np.full((b, t), pad_id, np.int32)
@@ -152,6 +153,8 @@ class _Rows:
     self.source_ids = np.full((b, t), -1, np.int32)
     self.images = np.zeros((b, n, s, s, 3), np.uint8)
     self.image_mask = np.zeros((b, n), bool)
+    # Tiles' source pixels and extents for the model to enlarge (SplitConfig.enlarge_on_device), or None.
+    self.image_extent = np.zeros((b, n, 4), np.int32) if enlarge_on_device else None
     self.stat_bad_records = np.zeros((b,), np.int32)
     self.stat_samples = np.zeros((b,), np.int32)
     self.used_tokens = np.zeros((b,), np.int64)
@@ -213,14 +216,16 @@ class _Rows:
     self.segment_ids[r, span] = self.stat_samples[r]
     self.positions[r, span] = np.arange(length)
     self.source_ids[r, span] = source_id
-    sample.write_tiles(self.images[r, first_image:first_image + n_tiles])  # tiles cut here, written once
-    self.image_mask[r, first_image:first_image + n_tiles] = True
+    slots = slice(first_image, first_image + n_tiles)
+    sample.write_tiles(self.images[r, slots], None if self.image_extent is None else self.image_extent[r, slots])
+    self.image_mask[r, slots] = True
     self.used_tokens[r] += length
     self.used_images[r] += n_tiles
 
   def batch(self) -> dict[str, np.ndarray]:
-    return {k: getattr(self, k) for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions", "images",
-                                          "image_mask", "source_ids", "stat_bad_records", "stat_samples")}
+    keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "images", "image_mask", "image_extent",
+            "source_ids", "stat_bad_records", "stat_samples")
+    return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 @dataclasses.dataclass
@@ -233,6 +238,7 @@ class _PackOptions:
   pad_id: int
   max_bad_fraction: float
   tokens_per_tile: int
+  enlarge_on_device: bool
 
 
 class _PackedBatchIterator(grain.DatasetIterator):
@@ -301,7 +307,8 @@ class _PackedBatchIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict[str, np.ndarray]:
     opt = self._opt
-    rows = _Rows(opt.batch_size, opt.seq_len, opt.max_images, opt.tile_size, opt.pack, opt.pad_id)
+    rows = _Rows(opt.batch_size, opt.seq_len, opt.max_images, opt.tile_size, opt.pack, opt.pad_id,
+                 opt.enlarge_on_device)
     window = PACK_WINDOW if opt.pack else 1
     # Rows only fill up while a batch is built: a unit that did not fit once cannot fit later in this batch.
     unchecked, failed = self._waiting, []
@@ -412,7 +419,8 @@ def make_dataset(data_cfg: DataConfig, *, sources: Mapping[str, Sequence[dict]],
     units = units.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
   options = _PackOptions(batch_size=batch_size, seq_len=data_cfg.seq_len, max_images=data_cfg.max_images,
                          tile_size=tile_size, pack=data_cfg.pack, pad_id=tokenizer.pad_id,
-                         max_bad_fraction=data_cfg.max_bad_fraction, tokens_per_tile=tokens_per_tile)
+                         max_bad_fraction=data_cfg.max_bad_fraction, tokens_per_tile=tokens_per_tile,
+                         enlarge_on_device=data_cfg.split.enlarge_on_device)
   return PackedBatchDataset(units, maker, options)
 
 

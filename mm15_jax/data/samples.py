@@ -34,18 +34,23 @@ _COORDS = re.compile(r"\[\s*(-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?)+)\s*\]")
 class Sample(NamedTuple):
   ids: np.ndarray                            # int32 [L]: BOS ... EOS
   loss_mask: np.ndarray                      # float32 [L]: 1 where ids[t] is a trained target
-  images: tuple[images_lib.SplitImage, ...]  # in placeholder order; their tiles are cut when written
+  images: tuple[images_lib.SplitImage, ...]  # in placeholder order; their tiles are resized when written
   tile_size: int                             # S
 
   @property
   def n_tiles(self) -> int:
     return sum(split.n_tiles for split in self.images)
 
-  def write_tiles(self, out: np.ndarray) -> None:
-    """out uint8 [n_tiles, S, S, 3] (each tile C-contiguous, e.g. a batch row's tile slots) = the sample's tiles."""
+  def write_tiles(self, out: np.ndarray, extent: np.ndarray | None = None) -> None:
+    """out uint8 [n_tiles, S, S, 3] (each tile C-contiguous, e.g. a batch row's tile slots) = the sample's tiles;
+    with `extent` (int32 [n_tiles, 4]) their source pixels and extents instead (SplitImage.write_sources)."""
     start = 0
     for split in self.images:
-      split.write_tiles(out[start:start + split.n_tiles])
+      span = slice(start, start + split.n_tiles)
+      if extent is None:
+        split.write_tiles(out[span])
+      else:
+        split.write_sources(out[span], extent[span])
       start += split.n_tiles
 
   @property

@@ -116,6 +116,8 @@ def batch_specs(exp: Experiment, index: int, mesh) -> dict[str, jax.ShapeDtypeSt
             "segment_ids": ((b, t), jnp.int32), "positions": ((b, t), jnp.int32),
             "images": ((b, n, s, s, 3), jnp.uint8), "image_mask": ((b, n), jnp.bool_),
             "source_ids": ((b, t), jnp.int32)}
+  if stage.data.split.enlarge_on_device:
+    shapes["image_extent"] = ((b, n, 4), jnp.int32)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=state_lib.batch_sharding(mesh, len(shape)))
           for k, (shape, dtype) in shapes.items()}
 

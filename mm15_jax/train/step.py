@@ -34,7 +34,8 @@ def cross_entropy(logits_BTV, targets_BT):
 
 
 def loss_and_metrics(model, batch, *, model_cfg: ModelConfig, image_token_id: int, num_sources: int):
-  logits_BTV, aux = model(*(batch[k] for k in MODEL_INPUTS), image_token_id=image_token_id)
+  logits_BTV, aux = model(*(batch[k] for k in MODEL_INPUTS), image_token_id=image_token_id,
+                          image_extent=batch.get("image_extent"))
   ce_BT = cross_entropy(logits_BTV, batch["targets"])
   mask_BT = batch["loss_mask"].astype(jnp.float32)
   num_tokens = mask_BT.sum()
