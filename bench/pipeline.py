@@ -1,7 +1,10 @@
 """Input-pipeline throughput against image decoding, and packing efficiency, on the synthetic corpus.
 
     python bench/pipeline.py [--data-dir DIR] [--quick] [--tile-size 672] [--image-scale 1] [--out FILE]
-                             [--compare-images OLD_IMAGES_PY]
+                             [--enlarge-on-host] [--compare-images OLD_IMAGES_PY]
+
+The pipeline runs with configs/mm15.py's split settings: enlargements left to the model (data.split.enlarge_on_device:
+the batch holds their source pixels), unless --enlarge-on-host, where the host writes every finished tile.
 
 Throughput: the real pipeline (make_pipeline with num_workers=0 and read_threads=0: one thread of one process)
 on stage-2 samples (static split: 4 tiles + overview) and stage-3 samples (SFT mixture, dynamic split 4..9 +
@@ -157,7 +160,7 @@ class _RealisticSource(Sequence):
     return dict(record, images=self.owner.images(self.name, int(index), record.get("images", [])))
 
 
-def load_images_module(path: str):
+def load_images_module(path: str, enlarge_on_device: bool = True):
   """The images module at `path`, registered as `baseline_images` (its functions replace ours in samples.py)."""
   spec = importlib.util.spec_from_file_location("baseline_images", path)
   if spec is None:
@@ -168,6 +171,9 @@ def load_images_module(path: str):
   if not hasattr(getattr(module, "SplitImage", None), "write_tiles"):
     raise ValueError(f"--compare-images {path}: its SplitImage has no write_tiles (the sample builder's interface "
                      f"since commit eba8bb7); compare an older module by running the bench at its own commit")
+  if enlarge_on_device and not hasattr(module.SplitImage, "write_sources"):
+    raise ValueError(f"--compare-images {path}: its SplitImage has no write_sources (tiles enlarged by the model, "
+                     f"data.split.enlarge_on_device); compare it with --enlarge-on-host")
   return module
 
 
@@ -190,10 +196,13 @@ class Setting:
   rows: int
 
 
-def stage_setting(name: str, exp, stage: int, rows: int, tile_size: int | None = None, **data_changes) -> Setting:
+def stage_setting(name: str, exp, stage: int, rows: int, tile_size: int | None = None,
+                  enlarge_on_device: bool | None = None, **data_changes) -> Setting:
   st = exp.stages[stage]
   tile = tile_size or st.image_size
   split = dataclasses.replace(st.data.split, tile_size=tile)
+  if enlarge_on_device is not None:
+    split = dataclasses.replace(split, enlarge_on_device=enlarge_on_device)
   data = dataclasses.replace(st.data, num_workers=0, split=split, **data_changes)
   return Setting(name, data, tile, exp.model.connector.pooled_side ** 2, rows)
 
@@ -311,6 +320,7 @@ def throughput(s: Setting, tok: Tokenizer, sources, rounds: int, batches_per_rou
   median_of = lambda f: statistics.median(f(r) for r in per_round)
   result = {
       "setting": s.name, "image_source": image_source, "tile_size": s.tile_size, "rows": s.rows,
+      "enlarge_on_device": s.data.split.enlarge_on_device,
       "seq_len": s.data.seq_len, "max_images": s.data.max_images, "rounds": rounds, "samples": sum_of("samples"),
       "images": sum_of("images"),
       "pipeline_samples_per_cpu_s": median_of(lambda r: r["samples"] / r["cpu"]),
@@ -403,6 +413,8 @@ def main(argv=None) -> dict:
   p.add_argument("--out", default=None, help="append the JSON line to this file")
   p.add_argument("--image-scale", type=float, default=1.0,
                  help="linear scale of the REALISTIC image sizes (below 1 only to keep tests short)")
+  p.add_argument("--enlarge-on-host", action="store_true",
+                 help="data.split.enlarge_on_device=false: every tile resized on the host (the model gets finished tiles)")
   p.add_argument("--compare-images", default=None, metavar="FILE",
                  help="also time the pipeline with the images module loaded from FILE, on the same samples")
   a = p.parse_args(argv)
@@ -411,11 +423,12 @@ def main(argv=None) -> dict:
   tok = Tokenizer(os.path.join(data_dir, synth.TOKENIZER_FILE))
   paper, demo = mm15.get_config(data_dir), tiny.get_config(data_dir)
   rows = size["rows"]
-  stage2 = stage_setting("stage 2 OCR, static 2x2 + overview", paper, 1, rows, a.tile_size)
-  stage3 = stage_setting("stage 3 SFT, dynamic 4..9 + overview", paper, 2, rows, a.tile_size)
+  on_device = False if a.enlarge_on_host else None
+  stage2 = stage_setting("stage 2 OCR, static 2x2 + overview", paper, 1, rows, a.tile_size, on_device)
+  stage3 = stage_setting("stage 3 SFT, dynamic 4..9 + overview", paper, 2, rows, a.tile_size, on_device)
   sources = {**pipeline.open_sources(stage2.data), **pipeline.open_sources(stage3.data)}
   realistic = RealisticImages(sources, a.image_scale)
-  baseline = load_images_module(a.compare_images) if a.compare_images else None
+  baseline = load_images_module(a.compare_images, not a.enlarge_on_host) if a.compare_images else None
   started = time.perf_counter()
   result = {"throughput": [
       *(throughput(s, tok, realistic.sources, size["realistic_rounds"], size["realistic_batches_per_round"],

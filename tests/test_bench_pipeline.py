@@ -30,6 +30,7 @@ def test_quick_bench(corpus_dir, tmp_path, capsys):  # noqa: F811 (fixture)
   assert result["command"].startswith("python bench/pipeline.py --quick") and result["machine"] and result["date"]
 
   real2, real3, stage2, stage3 = result["throughput"]
+  assert all(t["enlarge_on_device"] for t in result["throughput"])  # configs/mm15.py's default
   assert [t["image_source"] for t in result["throughput"]] == ["realistic"] * 2 + ["synthetic"] * 2
   # The baseline built every image of every baseline round: as many as the pipeline's samples hold.
   images_per_setting = [sum(r["images"] for r in t["per_round"]) for t in result["throughput"]]
@@ -110,3 +111,7 @@ def test_compare_images_refuses_a_module_without_the_current_interface(tmp_path)
   old.write_text("from typing import NamedTuple\n\nclass SplitImage(NamedTuple):\n  tiles: object\n")
   with pytest.raises(ValueError, match=r"old_images\.py: its SplitImage has no write_tiles"):
     load_bench("pipeline").load_images_module(str(old))
+  old.write_text("from typing import NamedTuple\n\nclass SplitImage(NamedTuple):\n  def write_tiles(self, out): pass\n")
+  with pytest.raises(ValueError, match=r"no write_sources .* --enlarge-on-host"):
+    load_bench("pipeline").load_images_module(str(old))
+  assert load_bench("pipeline").load_images_module(str(old), enlarge_on_device=False).SplitImage
