@@ -293,6 +293,15 @@ def test_write_sources_keeps_enlarged_blocks_and_resizes_shrunk_ones():
   np.testing.assert_array_equal(out[4, :60], split.tiles[4, :60])
   np.testing.assert_array_equal(extent[:2], [[75, 75, 100, 100], [75, 75, 100, 100]])
   np.testing.assert_array_equal(extent[2:4], [[15, 75, 20, 100], [15, 75, 20, 100]])
+  # Shrunk blocks and empty ones (a 3 x 3 grid over a wide image: its lower two rows of blocks hold no pixels).
+  split = images.split_image(natural_image(30, 100, seed=9), SplitConfig(mode="static", static_grid=3), tile_size=10)
+  small, small_extent = np.zeros((10, 10, 10, 3), np.uint8), np.zeros((10, 4), np.int32)
+  split.write_sources(small, small_extent)
+  rows = [[10, 10], [10, 10], [9, 9]]  # 34 px blocks; the last column holds 32 px (9 on the tile)
+  expected = [[9, c, 9, t] for c, t in rows] + [[0, c, 0, t] for c, t in rows] * 2 + [[3, 10, 3, 10]]
+  np.testing.assert_array_equal(small_extent, expected)
+  np.testing.assert_array_equal(small[0, :9], split.tiles[0, :9])
+  assert not small[3:9].any()
   # "antialias": every tile resized here.
   split = images.split_image(pixels, SplitConfig(mode="static", static_grid=2, resample="antialias"), tile_size=tile)
   split.write_sources(out, extent)
