@@ -94,3 +94,18 @@ def test_top_p_sampling_stays_in_nucleus():
   assert int(greedy[0]) == 0
   many = jax.vmap(lambda k: generate.pick_token(logits, k, 1.0, 1.0))(keys)
   assert set(np.asarray(many).ravel().tolist()) == {0, 1, 2, 3}
+
+
+def test_generation_enlarges_tiles_with_extents(model):
+  # Sources of 6 - 10 px blocks enlarged onto the 16 px tiles inside the model, against generating from the same tiles
+  # enlarged beforehand; and the extents do change the answer's logits (the images are not ignored).
+  from mm15_jax.models.multimodal import enlarge_tiles
+  tokens, images, image_mask, lengths = prompts()
+  extent = np.array([[[8, 6, 16, 12], [0, 0, 0, 0]], [[10, 10, 16, 16], [7, 9, 12, 16]]], np.int32)
+  kw = dict(image_token_id=IMG, eos_id=-1, max_new_tokens=6, prompt_lengths=lengths)
+  got = np.asarray(generate.greedy_generate(model, tokens, images, image_mask, image_extent=extent, **kw))
+  enlarged = np.asarray(jax.jit(enlarge_tiles)(images.reshape(4, 16, 16, 3), extent.reshape(4, 4)))
+  want = np.asarray(generate.greedy_generate(model, tokens, enlarged.reshape(images.shape), image_mask, **kw))
+  np.testing.assert_array_equal(got, want)
+  plain = recompute_greedy(model, tokens, images, image_mask, lengths, 6)
+  assert (got != plain).any()

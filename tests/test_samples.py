@@ -122,10 +122,12 @@ def test_encode_prompt(tok):
       {"role": "user", "content": "<image>what"}, {"role": "assistant", "content": "red"},
       {"role": "user", "content": "and the box"}, {"role": "assistant", "content": "blue box"}]}
   cfg = spec("dynamic", n_min=1, n_max=4, max_images=32)
-  ids, tiles = samples.encode_prompt(record, tok, cfg)
+  prompt = samples.encode_prompt(record, tok, cfg)
+  ids, tiles = prompt.ids, prompt.tiles
   assert ids[0] == tok.bos_id and ids[-1] == tok.role_id("assistant") and tok.eos_id not in ids.tolist()
   assert "blue" not in tok.decode(ids) and tok.decode(ids).endswith("and the box")
   assert len(tiles) == 4 + 1
-  ids16, tiles16 = samples.encode_prompt(record, tok, cfg, n_max=16)
+  prompt16 = samples.encode_prompt(record, tok, cfg, n_max=16)
+  ids16, tiles16 = prompt16.ids, prompt16.tiles
   assert len(tiles16) == 16 + 1 and images_lib.choose_grid(64, 64, 8, 1, 16) == (4, 4)
   assert (ids16 == tok.image_id).sum() == 17 * T

@@ -213,10 +213,10 @@ def _check_image_marks(messages: Sequence[Any], n_images: int, where: str) -> No
 
 
 def encode_prompt(record: dict, tokenizer: Tokenizer, spec: SampleSpec, *, n_max: int | None = None,
-                  where: str = "record") -> tuple[np.ndarray, np.ndarray]:
+                  where: str = "record") -> Sample:
   """Evaluation prompt of an sft record: BOS, the conversation up to and including the last user turn, then the
-  assistant header. Returns (ids int32 [L], tiles uint8 [n, S, S, 3]). `n_max` overrides the dynamic split's
-  largest grid (inference may use more tiles than training; n_min is never changed)."""
+  assistant header, as a Sample (ids int32 [L], its images; write_tiles as in training). `n_max` overrides the
+  dynamic split's largest grid (inference may use more tiles than training; n_min is never changed)."""
   if records.require_field(record, "kind", str, where) != "sft":
     raise ValueError(f"{where}: encode_prompt needs an sft record, got kind {record['kind']!r}")
   messages = records.require_field(record, "messages", list, where)
@@ -231,5 +231,4 @@ def encode_prompt(record: dict, tokenizer: Tokenizer, spec: SampleSpec, *, n_max
   turn_ids, _ = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, encode_content=b.content,
                                               where=where)
   b.add(turn_ids, trained=False)
-  sample = b.finish(eos=False, max_ids=spec.seq_len)
-  return sample.ids, sample.tiles
+  return b.finish(eos=False, max_ids=spec.seq_len)

@@ -15,15 +15,17 @@ from flax import nnx
 
 
 def greedy_generate(model, tokens, images, image_mask, *, image_token_id: int, eos_id: int, max_new_tokens: int,
-                    prompt_lengths):
+                    prompt_lengths, image_extent=None):
   """Greedy decoding (the evaluation protocol)."""
   return sample_generate(model, tokens, images, image_mask, image_token_id=image_token_id, eos_id=eos_id,
-                         max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths, temperature=0.0)
+                         max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths, temperature=0.0,
+                         image_extent=image_extent)
 
 
 def sample_generate(model, tokens, images, image_mask, *, image_token_id: int, eos_id: int, max_new_tokens: int,
-                    prompt_lengths, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0):
-  """Temperature / nucleus (top-p) sampling; temperature 0 is greedy."""
+                    prompt_lengths, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, image_extent=None):
+  """Temperature / nucleus (top-p) sampling; temperature 0 is greedy. `image_extent` [B, N, 4]: the images are tiles'
+  source pixels for the model to enlarge (data.split.enlarge_on_device), as in training."""
   tokens = jnp.asarray(tokens, jnp.int32)
   prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
   if tokens.ndim != 2 or prompt_lengths.shape != tokens.shape[:1]:
@@ -37,7 +39,7 @@ def sample_generate(model, tokens, images, image_mask, *, image_token_id: int, e
   if not 0.0 < top_p <= 1.0 or temperature < 0.0:
     raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, tokens, images, image_mask, prompt_lengths, jax.random.key(seed),
+  return _generate(graphdef, state, tokens, images, image_mask, image_extent, prompt_lengths, jax.random.key(seed),
                    image_token_id=image_token_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
                    temperature=float(temperature), top_p=float(top_p))
 
@@ -59,14 +61,15 @@ def pick_token(logits_BV, rng, temperature: float, top_p: float):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "image_token_id", "eos_id", "max_new_tokens",
                                              "temperature", "top_p"))
-def _generate(graphdef, state, tokens_BT, images, image_mask, prompt_lengths_B, rng, *, image_token_id, eos_id,
-              max_new_tokens, temperature, top_p):
+def _generate(graphdef, state, tokens_BT, images, image_mask, image_extent, prompt_lengths_B, rng, *, image_token_id,
+              eos_id, max_new_tokens, temperature, top_p):
   model = nnx.merge(graphdef, state)
   b, t = tokens_BT.shape
   positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   segment_ids_BT = (positions_BT < prompt_lengths_B[:, None]).astype(jnp.int32)
   logits_BTV, cache = model.prefill(tokens_BT, images, image_mask, segment_ids_BT, positions_BT,
-                                    image_token_id=image_token_id, max_len=t + max_new_tokens)
+                                    image_token_id=image_token_id, max_len=t + max_new_tokens,
+                                    image_extent=image_extent)
   last_BV = jnp.take_along_axis(logits_BTV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
   rng, key = jax.random.split(rng)
   first_B = pick_token(last_BV, key, temperature, top_p)

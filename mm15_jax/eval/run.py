@@ -87,22 +87,25 @@ def answer(model, tokenizer: Tokenizer, spec: samples_lib.SampleSpec, recs: Sequ
     rows = batch_size  # fixed shapes: one compile for every batch
     length = spec.seq_len
     slots = min(tile_slots or spec.max_images, spec.max_images)
-    max_tiles = slots if max(len(t) for _, t in prompts) <= slots else spec.max_images
+    max_tiles = slots if max(p.n_tiles for p in prompts) <= slots else spec.max_images
     tokens = np.full((rows, length), tokenizer.pad_id, np.int32)
     images = np.zeros((rows, max_tiles, spec.tile_size, spec.tile_size, 3), np.uint8)
     image_mask = np.zeros((rows, max_tiles), bool)
+    # As in training: enlargements left to the model (data.split.enlarge_on_device).
+    extent = np.zeros((rows, max_tiles, 4), np.int32) if spec.split.enlarge_on_device else None
     lengths = np.ones((rows,), np.int32)
-    for i, (ids, tiles) in enumerate(prompts):
+    for i, prompt in enumerate(prompts):
+      ids, n = prompt.ids, prompt.n_tiles
       if len(ids) + max_new_tokens > length:
         raise ValueError(f"{where}[{start + i}]: prompt of {len(ids)} tokens leaves no room for {max_new_tokens} "
                          f"new tokens in seq_len {length}")
       tokens[i, :len(ids)] = ids
-      images[i, :len(tiles)] = tiles
-      image_mask[i, :len(tiles)] = True
+      prompt.write_tiles(images[i, :n], None if extent is None else extent[i, :n])
+      image_mask[i, :n] = True
       lengths[i] = len(ids)
     new = generate.greedy_generate(model, tokens, images, image_mask, prompt_lengths=lengths,
                                    image_token_id=tokenizer.image_id, eos_id=tokenizer.end_id,
-                                   max_new_tokens=max_new_tokens)
+                                   max_new_tokens=max_new_tokens, image_extent=extent)
     new = np.asarray(jax.device_get(new))
     for i in range(len(chunk)):
       ids = list(new[i])

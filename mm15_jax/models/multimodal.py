@@ -125,9 +125,10 @@ class MultimodalModel(nnx.Module):
     logits, aux, _ = self.decoder(x_BTD, segment_ids, positions)
     return logits, aux
 
-  def prefill(self, tokens, images, image_mask, segment_ids, positions, *, image_token_id: int, max_len: int):
+  def prefill(self, tokens, images, image_mask, segment_ids, positions, *, image_token_id: int, max_len: int,
+              image_extent=None):
     """Right-padded prompts -> (logits [B, T, V], KV cache with room for max_len tokens)."""
-    x_BTD = self.embed_inputs(tokens, images, image_mask, image_token_id=image_token_id)
+    x_BTD = self.embed_inputs(tokens, images, image_mask, image_token_id=image_token_id, image_extent_BN4=image_extent)
     logits, _, cache = self.decoder.prefill(x_BTD, segment_ids, positions, max_len=max_len)
     return logits, cache
 
