@@ -414,7 +414,7 @@ def main(argv=None) -> dict:
   p.add_argument("--image-scale", type=float, default=1.0,
                  help="linear scale of the REALISTIC image sizes (below 1 only to keep tests short)")
   p.add_argument("--enlarge-on-host", action="store_true",
-                 help="data.split.enlarge_on_device=false: every tile resized on the host (the model gets finished tiles)")
+                 help="data.split.enlarge_on_device=false: every tile resized on the host (finished tiles)")
   p.add_argument("--compare-images", default=None, metavar="FILE",
                  help="also time the pipeline with the images module loaded from FILE, on the same samples")
   a = p.parse_args(argv)

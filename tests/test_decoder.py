@@ -225,8 +225,8 @@ def test_blocked_attention_bfloat16_runs_bfloat16_products():
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(w), atol=0.1, rtol=0.05, err_msg=f"d{name}")
   hlo = grad("blocked", jnp.bfloat16).lower(q, k, v).compile().as_text()
   n_blocks = -(-t // block)
-  # per block: scores and values forward, weight gradient and dq backward (dk and dv contract the query axis: XLA:CPU has
-  # no bfloat16 kernel for that form, they stay float32)
+  # per block: scores and values forward, weight gradient and dq backward (dk and dv contract the query axis: XLA:CPU
+  # has no bfloat16 kernel for that form, they stay float32)
   assert dot_operand_types(hlo).count(("bf16", "bf16")) == 4 * n_blocks
 
 

@@ -2,11 +2,11 @@
 
 Splitting never stretches: the image is cut into the square blocks that its grid of tiles covers (the smallest such
 square: the image fills the grid's width or height to within one source pixel per tile), each block is resized
-onto its tile at one scale for both axes, placed at the top-left and padded at the bottom/right with the CLIP mean colour (which
-normalises to ~0 inside the model). Resizing each block rather than the whole image differs from a resize of the
-whole image only within the two pixels next to a tile edge (the edges replicate instead of looking across); in
-exchange each tile is resized straight into its batch slot, or, with SplitConfig.enlarge_on_device, its source
-pixels (at most a tile's worth when it is enlarged) are copied there and the model enlarges them
+onto its tile at one scale for both axes, placed at the top-left and padded at the bottom/right with the CLIP mean
+colour (which normalises to ~0 inside the model). Resizing each block rather than the whole image differs from a
+resize of the whole image only within two source pixels of a tile edge (the edges replicate instead of looking
+across); in exchange each tile is resized straight into its batch slot, or, with SplitConfig.enlarge_on_device,
+its source pixels (at most a tile's worth when it is enlarged) are copied there and the model enlarges them
 (`multimodal.enlarge_tiles`): the host then decodes and copies, and never writes the 3-6x larger tiles of a photo.
 Boxes in text are on a 0..1000 grid of the WHOLE image, so splitting never touches text.
 
@@ -113,7 +113,7 @@ class SplitImage(NamedTuple):
       if (h, w) == slot.shape[:2]:
         resize(block, h, w, self.resample, out=slot)
       else:
-        _pad_into(slot, resize(block, h, w, self.resample) if h and w else block[:0, :0])
+        _pad_into(slot, self._resized(block, h, w))
 
   def write_sources(self, out: np.ndarray, extent: np.ndarray) -> None:
     """For the model to enlarge the tiles (`multimodal.enlarge_tiles`, SplitConfig.enlarge_on_device): out uint8
@@ -123,10 +123,13 @@ class SplitImage(NamedTuple):
     for slot, row, (block, (h, w)) in zip(out, extent, self.blocks()):
       b_h, b_w = block.shape[:2]
       if not (self.resample == "fast" and b_h <= h and b_w <= w):
-        block = resize(block, h, w, self.resample) if h and w else block[:0, :0]
-        b_h, b_w = h, w
+        block, (b_h, b_w) = self._resized(block, h, w), (h, w)
       slot.reshape(slot.shape[0], -1)[:b_h, :b_w * 3] = block.reshape(b_h, b_w * 3)
       row[:] = (b_h, b_w, h, w)
+
+  def _resized(self, block: np.ndarray, h: int, w: int) -> np.ndarray:
+    """`block` resized to [h, w, 3] (an empty block when it covers no tile pixel)."""
+    return resize(block, h, w, self.resample) if h and w else block[:0, :0]
 
   @property
   def tiles(self) -> np.ndarray:
@@ -229,9 +232,7 @@ def resize(image: np.ndarray, h_out: int, w_out: int, resample: str = "fast",
       if (h, w) != (h_out, w_out):
         # Bilinear for the remaining shrink (< 2x: closer to the antialiased filter than bicubic, measured).
         interpolation = cv2.INTER_LINEAR if h * w > h_out * w_out else cv2.INTER_CUBIC
-        if out is not None:
-          return cv2.resize(image, (w_out, h_out), dst=out, interpolation=interpolation)
-        return cv2.resize(image, (w_out, h_out), interpolation=interpolation)
+        return cv2.resize(image, (w_out, h_out), dst=out, interpolation=interpolation)  # into `out` if given
   if out is None:
     return image
   out[...] = image
