@@ -5,7 +5,7 @@ from flax import nnx
 
 from mm15_jax.config import ConnectorConfig
 from mm15_jax.models import layers
-from mm15_jax.models.connector import CAbstractor, adaptive_avg_pool
+from mm15_jax.models.connector import CAbstractor, adaptive_avg_pool, depthwise_conv3x3, depthwise_conv3x3_native
 
 CFG = ConnectorConfig(hidden=32, depth=1, pooled_side=2)
 
@@ -31,6 +31,21 @@ def test_pool_windows_follow_pytorch_rule():
       ys, ye = (i * 7) // 3, -(-((i + 1) * 7) // 3)
       xs, xe = (j * 7) // 3, -(-((j + 1) * 7) // 3)
       np.testing.assert_allclose(out[0, i, j], x[0, ys:ye, xs:xe].mean((0, 1)), atol=1e-6)
+
+
+def test_depthwise_conv_on_cpu_equals_native_convolution_values_and_gradients():
+  """The CPU form (nine shifted products) against XLA's grouped convolution, which other platforms run."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (2, 5, 7, 6))  # H != W: the shifts are not transposed
+  k = jax.random.normal(keys[1], (3, 3, 6))
+  cotangent = jax.random.normal(keys[2], x.shape)
+  assert layers.mesh_platform() == "cpu"
+  loss = lambda conv: lambda x, k: (conv(x, k) * cotangent).sum()
+  np.testing.assert_allclose(depthwise_conv3x3(x, k), depthwise_conv3x3_native(x, k), rtol=1e-5, atol=1e-5)
+  for ours, native in zip(jax.grad(loss(depthwise_conv3x3), (0, 1))(x, k),
+                          jax.grad(loss(depthwise_conv3x3_native), (0, 1))(x, k)):
+    np.testing.assert_allclose(ours, native, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(depthwise_conv3x3(x, k), depthwise_conv3x3(x, k[::-1]), atol=1e-3)  # orientation matters
 
 
 def silu(x):
