@@ -47,8 +47,70 @@ def test_cross_entropy_matches_numpy():
   logits[0, 0] += 80.0  # large logits: needs the max-shifted logsumexp
   targets = rng.integers(0, 11, (2, 5)).astype(np.int32)
   expected = -np.take_along_axis(log_softmax_np(logits), targets[..., None], -1)[..., 0]
-  got = np.asarray(step_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(targets)))
+  got = np.asarray(step_lib.loss_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(targets)))
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _loss_case(seed, b=3, t=18, v=13, d=8):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(keys[0], (b, t, d))
+  w = jax.random.normal(keys[1], (d, v))
+  targets = jax.random.randint(keys[2], (b, t), 0, v)
+  return x, w, targets, keys[3]
+
+
+def test_weighted_cross_entropy_equals_autodiff_of_the_logits_values_and_gradients():
+  x, w, targets, key = _loss_case(0)
+  weights = jax.random.uniform(key, targets.shape) * jax.random.bernoulli(key, 0.4, targets.shape)
+  weights = weights.at[2].set(0.0)  # a row with no loss at all
+
+  def reference(x, w):
+    ce = step_lib.loss_lib.cross_entropy(x @ w, targets)
+    return 3.0 * (ce * weights).sum(), jnp.where(weights != 0, ce, 0.0)
+
+  want_loss, want_ce = reference(x, w)
+  want_grads = jax.grad(lambda x, w: reference(x, w)[0], (0, 1))(x, w)
+  for chunk in (0, 4, 5, 18, 64):  # 18 / 4 leaves a short last chunk; 0, 18 and 64: one chunk
+    fused = lambda x, w: step_lib.loss_lib.weighted_cross_entropy(x, w, targets, weights, chunk=chunk)
+    loss, ce = fused(x, w)
+    np.testing.assert_allclose(3.0 * loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(ce, want_ce, rtol=1e-5, atol=1e-6)
+    for got, want in zip(jax.grad(lambda x, w: 3.0 * fused(x, w)[0], (0, 1))(x, w), want_grads):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # The per-token CE is a metric: no gradient flows through it.
+    assert not np.asarray(jax.grad(lambda w: fused(x, w)[1].sum())(w)).any()
+
+
+def test_weighted_cross_entropy_keeps_the_compute_dtype():
+  x, w, targets, key = _loss_case(2)
+  weights = jax.random.bernoulli(key, 0.5, targets.shape).astype(jnp.float32)
+  x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  dx, dw = jax.grad(lambda x, w: step_lib.loss_lib.weighted_cross_entropy(x, w, targets, weights, chunk=4)[0],
+                    (0, 1))(x16, w16)
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  want = jax.grad(lambda x, w: (step_lib.loss_lib.cross_entropy(x @ w, targets) * weights).sum(), (0, 1))(
+      x16.astype(jnp.float32), w16.astype(jnp.float32))
+  for got, ref in zip((dx, dw), want):
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=0.05, atol=0.05)
+
+
+def test_weighted_cross_entropy_never_applies_the_head_to_chunks_without_loss():
+  """NaN hidden states where the weight is 0: a head applied there would put NaN into the gradients (0 * NaN)."""
+  x, w, targets, key = _loss_case(1, b=2, t=16)
+  counted = jnp.zeros(targets.shape, bool).at[0, 3:11].set(True).at[1, ::2].set(True)  # 8 each: two full chunks
+  weights = counted.astype(jnp.float32)
+  nan_x = jnp.where(counted[..., None], x, jnp.nan)
+  fused = lambda chunk: lambda x, w: step_lib.loss_lib.weighted_cross_entropy(x, w, targets, weights, chunk=chunk)[0]
+  for chunk, finite in ((4, True), (8, True), (16, False)):
+    loss = fused(chunk)(nan_x, w)
+    dx, dw = jax.grad(fused(chunk), (0, 1))(nan_x, w)
+    assert bool(jnp.isfinite(dw).all()) == finite, chunk
+  clean = jnp.where(counted[..., None], x, 0.0)
+  expected = jax.grad(fused(0), (0, 1))(clean, w)
+  np.testing.assert_allclose(loss, fused(0)(clean, w), rtol=1e-6)  # finite: the NaN positions carry no loss
+  dx, dw = jax.grad(fused(4), (0, 1))(nan_x, w)
+  np.testing.assert_allclose(dw, expected[1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dx[counted], expected[0][counted], rtol=1e-5, atol=1e-6)
 
 
 class Setup:

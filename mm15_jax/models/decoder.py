@@ -165,6 +165,12 @@ def _block_attention_bwd(dt, res, d_out_BGRTK):
 _block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
 
 
+def head_logits(x_BTD, w_DV):
+  """Final-normed hidden states -> logits [B, T, V] float32."""
+  out = layers.project(x_BTD, w_DV, preferred_element_type=jnp.float32)
+  return constrain(out.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
 def segment_causal_mask(segment_ids_BT):
   t = segment_ids_BT.shape[1]
   same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
@@ -312,12 +318,14 @@ class Decoder(nnx.Module):
     return constrain(x, ACT)
 
   def logits(self, x_BTD):
-    x_BTD = self.final_norm(x_BTD)
+    """The last hidden states -> logits [B, T, V] float32."""
+    return head_logits(self.final_norm(x_BTD), self.head_weight())
+
+  def head_weight(self):
+    """The LM head [D, V] in the compute dtype (the embedding's transpose when tied)."""
     if self.lm_head is None:
-      out = layers.project(x_BTD, self.embedding[...].astype(self.dtype).T, preferred_element_type=jnp.float32)
-    else:
-      out = layers.project(x_BTD, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
-    return constrain(out.astype(jnp.float32), ("batch", "length", "vocab"))
+      return self.embedding[...].astype(self.dtype).T
+    return self.lm_head[...].astype(self.dtype)
 
   def _mean_aux(self, aux_U):
     moe_layers = self.num_units if self.has_moe else 1
@@ -325,6 +333,11 @@ class Decoder(nnx.Module):
 
   def __call__(self, x_BTD, segment_ids_BT, positions_BT, *, return_kv: bool = False):
     """x: input embeddings [B, T, D] -> (logits [B, T, V] float32, aux, kv [U, every, B, T, G, K] x2 or None)."""
+    x_BTD, aux, kv = self.hidden(x_BTD, segment_ids_BT, positions_BT, return_kv=return_kv)
+    return self.logits(x_BTD), aux, kv
+
+  def hidden(self, x_BTD, segment_ids_BT, positions_BT, *, return_kv: bool = False):
+    """The last layer's output [B, T, D] (`logits` takes it from there), aux, kv."""
     mask_BTS = segment_causal_mask(segment_ids_BT)
     token_mask_BT = segment_ids_BT != 0
 
@@ -334,7 +347,7 @@ class Decoder(nnx.Module):
 
     x_BTD, (aux_U, kv) = layers.run_stack(self.units, body, x_BTD, length=self.num_units, scan=self.scan_layers,
                                           remat=self.remat)
-    return self.logits(x_BTD), self._mean_aux(aux_U), kv
+    return x_BTD, self._mean_aux(aux_U), kv
 
   def init_cache(self, batch: int, max_len: int):
     shape = (self.num_units, self.every, batch, max_len, self.num_kv_heads, self.head_dim)

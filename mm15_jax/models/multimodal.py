@@ -121,9 +121,15 @@ class MultimodalModel(nnx.Module):
 
   def __call__(self, tokens, images, image_mask, segment_ids, positions, *, image_token_id: int, image_extent=None):
     """-> (logits [B, T, V] float32, aux {moe_load_balance_loss, moe_z_loss, moe_drop_rate})."""
+    x_BTD, aux = self.hidden(tokens, images, image_mask, segment_ids, positions, image_token_id=image_token_id,
+                             image_extent=image_extent)
+    return self.decoder.logits(x_BTD), aux
+
+  def hidden(self, tokens, images, image_mask, segment_ids, positions, *, image_token_id: int, image_extent=None):
+    """-> (the decoder's last hidden states [B, T, D], aux); `self.decoder.logits` maps them to the logits."""
     x_BTD = self.embed_inputs(tokens, images, image_mask, image_token_id=image_token_id, image_extent_BN4=image_extent)
-    logits, aux, _ = self.decoder(x_BTD, segment_ids, positions)
-    return logits, aux
+    x_BTD, aux, _ = self.decoder.hidden(x_BTD, segment_ids, positions)
+    return x_BTD, aux
 
   def prefill(self, tokens, images, image_mask, segment_ids, positions, *, image_token_id: int, max_len: int,
               image_extent=None):

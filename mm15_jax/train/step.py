@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from mm15_jax.config import ModelConfig
+from mm15_jax.train import loss as loss_lib
 
 MODEL_INPUTS = ("tokens", "images", "image_mask", "segment_ids", "positions")
 
@@ -25,21 +26,15 @@ class TrainState:
   opt_state: Any
 
 
-def cross_entropy(logits_BTV, targets_BT):
-  """Per-token cross-entropy in float32."""
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  return logz_BT - target_logit_BT
-
-
 def loss_and_metrics(model, batch, *, model_cfg: ModelConfig, image_token_id: int, num_sources: int):
-  logits_BTV, aux = model(*(batch[k] for k in MODEL_INPUTS), image_token_id=image_token_id,
-                          image_extent=batch.get("image_extent"))
-  ce_BT = cross_entropy(logits_BTV, batch["targets"])
+  x_BTD, aux = model.hidden(*(batch[k] for k in MODEL_INPUTS), image_token_id=image_token_id,
+                            image_extent=batch.get("image_extent"))
   mask_BT = batch["loss_mask"].astype(jnp.float32)
   num_tokens = mask_BT.sum()
-  ce = (ce_BT * mask_BT).sum() / jnp.maximum(num_tokens, 1.0)
+  decoder = model.decoder
+  ce_sum, ce_BT = loss_lib.weighted_cross_entropy(decoder.final_norm(x_BTD), decoder.head_weight(), batch["targets"],
+                                                  mask_BT, chunk=model_cfg.loss_chunk)
+  ce = ce_sum / jnp.maximum(num_tokens, 1.0)
   loss = ce
   metrics = {"ce": ce, "loss_tokens": num_tokens}
   moe = model_cfg.decoder.moe
