@@ -9,6 +9,10 @@ tokens), float32, forward + backward (gradients of sum(y * cotangent) with respe
   attention  causal grouped-query attention of q, k, v (ours decoder.attend, "auto"; torch's fused
              scaled_dot_product_attention with is_causal and enable_gqa, as transformers calls it)
   layer      one decoder layer with RoPE (ours decoder.DecoderBlock; LlamaDecoderLayer)
+  vision     the ViT on the step's 4 images, patch tokens out (ours vit.VisionTransformer; CLIPVisionModel)
+  connector  patch tokens -> image tokens (ours the C-Abstractor; LLaVA's 2-layer MLP projector): different designs
+  head       LM head + cross-entropy of 2 x 1024 hidden states, loss on the step's positions (ours
+             train.loss.weighted_cross_entropy, model.loss_chunk; torch Linear + cross_entropy over every position)
   optimizer  global-norm clipping and one AdaFactor update of the whole bench model's parameters (optax through
              mm15_jax.train.optim; torch.optim.Adafactor)
   matmul     one 2048 x 2048 float32 matmul (the GEMM libraries alone)
@@ -40,8 +44,12 @@ from mm15_jax import machine  # noqa: E402
 from mm15_jax.config import DecoderConfig, ModelConfig  # noqa: E402
 from mm15_jax.models import decoder as decoder_lib  # noqa: E402
 from mm15_jax.models import layers  # noqa: E402
+from mm15_jax.models.connector import CAbstractor  # noqa: E402
+from mm15_jax.models.multimodal import normalize_images  # noqa: E402
+from mm15_jax.models.vit import VisionTransformer  # noqa: E402
+from mm15_jax.train import loss as loss_lib  # noqa: E402
 
-PARTS = ("ffn", "attention", "layer", "optimizer", "matmul")
+PARTS = ("ffn", "attention", "layer", "vision", "connector", "head", "optimizer", "matmul")
 
 
 def _cotangent(shape) -> np.ndarray:
@@ -119,6 +127,62 @@ def layer_pair(cfg: DecoderConfig, llama, b: int, t: int) -> dict[str, Callable[
           "torch": _torch_grad(forward, [tx, *theirs.parameters()], _cotangent(x.shape))}
 
 
+def vision_pair(cfg: ModelConfig, shapes: train_step_lib.BenchShapes, batch: dict) -> dict[str, Callable[[], None]]:
+  from transformers import CLIPVisionModel
+  vit = VisionTransformer(cfg.vision, scan_layers=cfg.scan_layers, dtype="float32", param_dtype="float32",
+                          rngs=nnx.Rngs(0))
+  s = shapes.image_size
+  images = normalize_images(jnp.asarray(batch["images"]).reshape(-1, s, s, 3))
+  grid = s // cfg.vision.patch_size
+  llava = train_step_lib.llava_config(cfg, shapes)
+  theirs = CLIPVisionModel(llava.vision_config).train()
+  pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2))).requires_grad_()
+  patches = lambda: theirs(pixel_values=pixels).last_hidden_state[:, 1:]  # LLaVA's features: class token dropped
+  cotangent = _cotangent((images.shape[0], grid * grid, cfg.vision.width))
+  graphdef, params = nnx.split(vit)
+  grads = jax.jit(jax.grad(lambda p: (nnx.merge(graphdef, p)(images) * cotangent).sum()))
+  return {"ours": lambda: jax.block_until_ready(grads(params)),
+          "torch": _torch_grad(patches, list(theirs.parameters()), cotangent)}
+
+
+def connector_pair(cfg: ModelConfig, shapes: train_step_lib.BenchShapes) -> dict[str, Callable[[], None]]:
+  from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+  grid = shapes.image_size // cfg.vision.patch_size
+  ours = CAbstractor(cfg.connector, in_dim=cfg.vision.width, out_dim=cfg.decoder.d_model, grid_side=grid,
+                     dtype="float32", param_dtype="float32", rngs=nnx.Rngs(0))
+  images = shapes.batch * shapes.images_per_row
+  x = jax.random.normal(jax.random.key(0), (images, grid * grid, cfg.vision.width))
+  theirs = LlavaMultiModalProjector(train_step_lib.llava_config(cfg, shapes))
+  tx = torch.from_numpy(np.array(x)).requires_grad_()
+  cotangent = _cotangent((images, ours.tokens_per_image, cfg.decoder.d_model))
+  graphdef, params = nnx.split(ours)
+  grads = jax.jit(jax.grad(lambda p, x: (nnx.merge(graphdef, p)(x) * cotangent).sum(), argnums=(0, 1)))
+  return {"ours": lambda: jax.block_until_ready(grads(params, x)),
+          "torch": _torch_grad(lambda: theirs(tx), [tx, *theirs.parameters()], cotangent)}
+
+
+def head_pair(cfg: ModelConfig, batch: dict) -> dict[str, Callable[[], None]]:
+  d, v = cfg.decoder.d_model, cfg.decoder.vocab_size
+  b, t = batch["targets"].shape
+  x = jax.random.normal(jax.random.key(0), (b, t, d))
+  w = jax.random.normal(jax.random.key(1), (d, v)) * d ** -0.5
+  targets, mask = jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_mask"])
+  mean_ce = lambda x, w: loss_lib.weighted_cross_entropy(x, w, targets, mask, chunk=cfg.loss_chunk)[0] / mask.sum()
+  grads = jax.jit(jax.grad(mean_ce, argnums=(0, 1)))
+  tx = torch.from_numpy(np.array(x)).requires_grad_()
+  tw = torch.from_numpy(np.array(w)).requires_grad_()
+  t_targets = torch.from_numpy(batch["targets"].astype(np.int64)).flatten()
+  t_mask = torch.from_numpy(batch["loss_mask"]).flatten()
+
+  def torch_grads():  # as bench/train_step.py's reference step: logits of every position, masked mean
+    tx.grad = tw.grad = None
+    ce = torch.nn.functional.cross_entropy((tx @ tw).flatten(0, 1), t_targets, reduction="none")
+    ((ce * t_mask).sum() / t_mask.sum()).backward()
+    return [tx.grad, tw.grad]
+
+  return {"ours": lambda: jax.block_until_ready(grads(x, w)), "torch": torch_grads}
+
+
 def optimizer_pair(cfg: ModelConfig, shapes: train_step_lib.BenchShapes) -> dict[str, Callable[[], None]]:
   batch = train_step_lib.make_batch(cfg, shapes)
   ours = train_step_lib.JaxTrainer(cfg, batch)
@@ -150,9 +214,12 @@ def run(*, rounds: int, quick: bool, torch_threads: int | None = None, command: 
   model_cfg, shapes = train_step_lib.bench_config(quick), train_step_lib.bench_shapes(quick)
   cfg, llama = model_cfg.decoder, train_step_lib.llava_config(model_cfg, shapes).text_config
   b, t = shapes.batch, shapes.seq_len
+  batch = train_step_lib.make_batch(model_cfg, shapes)
   matmul = train_step_lib.matmul_fns(256 if quick else train_step_lib.MATMUL_SIDE)
   pairs = {"ffn": ffn_pair(cfg, llama, b, t), "attention": attention_pair(cfg, b, t),
            "layer": layer_pair(cfg, llama, b, t),
+           "vision": vision_pair(model_cfg, shapes, batch), "connector": connector_pair(model_cfg, shapes),
+           "head": head_pair(model_cfg, batch),
            "optimizer": optimizer_pair(model_cfg, shapes),
            "matmul": {"ours": matmul["jax_matmul"], "torch": matmul["torch_matmul"]}}
   fns = {f"{part}/{side}": fn for part, pair in pairs.items() for side, fn in pair.items()}

@@ -1,4 +1,6 @@
-"""bench/train_parts.py --quick: every part runs on both sides; the attention part computes torch's gradients."""
+"""bench/train_parts.py --quick: every part runs on both sides; the attention and head parts compute torch's
+gradients."""
+import dataclasses
 import json
 
 import numpy as np
@@ -33,3 +35,16 @@ def test_attention_sides_compute_the_same_gradients(bench):
   for name, a, b in zip("qkv", ours, theirs):
     assert np.abs(b).max() > 0
     np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_head_sides_compute_the_same_gradients(bench):
+  """Our fused, chunked loss (chunks skipped where no token counts) against torch's logits of every position."""
+  cfg = bench.train_step_lib.bench_config(quick=True)
+  cfg = dataclasses.replace(cfg, loss_chunk=8)
+  batch = bench.train_step_lib.make_batch(cfg, bench.train_step_lib.bench_shapes(quick=True))
+  counted = batch["loss_mask"].sum(1)
+  assert counted.max() <= batch["loss_mask"].shape[1] - cfg.loss_chunk  # the last chunk is skipped
+  pair = bench.head_pair(cfg, batch)
+  for name, a, b in zip(("dx", "dw"), pair["ours"](), pair["torch"]()):
+    assert b.abs().max() > 0
+    np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
