@@ -37,7 +37,7 @@ def test_depthwise_conv_on_cpu_equals_native_convolution_values_and_gradients():
   """The CPU form (nine shifted products) against XLA's grouped convolution, which other platforms run."""
   keys = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(keys[0], (2, 5, 7, 6))  # H != W: the shifts are not transposed
-  k = jax.random.normal(keys[1], (3, 3, 6))
+  k = jax.random.normal(keys[1], (3, 3, 1, 6))
   cotangent = jax.random.normal(keys[2], x.shape)
   assert layers.mesh_platform() == "cpu"
   loss = lambda conv: lambda x, k: (conv(x, k) * cotangent).sum()

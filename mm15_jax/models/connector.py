@@ -19,22 +19,22 @@ from mm15_jax.sharding import constrain
 LN2D_EPS = 1e-6  # timm LayerNorm2d default
 
 
-def depthwise_conv3x3(x_BHWC, kernel_33C):
-  """3x3 depthwise convolution, zero padding 1 (output the input's size).
+def depthwise_conv3x3(x_BHWC, kernel_331C):
+  """3x3 depthwise convolution (kernel HWIO, one input channel per group), zero padding 1 (output the input's size).
 
   On CPU a sum of the nine shifted products, fused into one loop: XLA:CPU's grouped convolution took 8x its time
   forward + backward at the bench connector's [4, 12, 12, 256] (BENCHMARKS.md section 1). Other platforms get the
   native convolution."""
   if layers.mesh_platform() != "cpu":
-    return depthwise_conv3x3_native(x_BHWC, kernel_33C)
+    return depthwise_conv3x3_native(x_BHWC, kernel_331C)
   _, h, w, _ = x_BHWC.shape
   padded = jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return sum(padded[:, dy:dy + h, dx:dx + w] * kernel_33C[dy, dx] for dy in range(3) for dx in range(3))
+  return sum(padded[:, dy:dy + h, dx:dx + w] * kernel_331C[dy, dx, 0] for dy in range(3) for dx in range(3))
 
 
-def depthwise_conv3x3_native(x_BHWC, kernel_33C):
+def depthwise_conv3x3_native(x_BHWC, kernel_331C):
   return jax.lax.conv_general_dilated(
-      x_BHWC, kernel_33C[:, :, None], window_strides=(1, 1), padding=((1, 1), (1, 1)),
+      x_BHWC, kernel_331C, window_strides=(1, 1), padding=((1, 1), (1, 1)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x_BHWC.shape[-1])
 
 
@@ -69,7 +69,7 @@ class Bottleneck(nnx.Module):
 
   def __call__(self, x_BHWC):
     h = jax.nn.silu(self.conv1(x_BHWC))
-    h = depthwise_conv3x3(h, self.dw_kernel[...][:, :, 0].astype(self.dtype))
+    h = depthwise_conv3x3(h, self.dw_kernel[...].astype(self.dtype))
     h = jax.nn.silu(self.dw_norm(h))
     if self.use_se:
       s = h.astype(jnp.float32).mean((1, 2), keepdims=True).astype(self.dtype)
