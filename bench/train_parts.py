@@ -127,14 +127,14 @@ def layer_pair(cfg: DecoderConfig, llama, b: int, t: int) -> dict[str, Callable[
           "torch": _torch_grad(forward, [tx, *theirs.parameters()], _cotangent(x.shape))}
 
 
-def vision_pair(cfg: ModelConfig, shapes: train_step_lib.BenchShapes, batch: dict) -> dict[str, Callable[[], None]]:
+def vision_pair(cfg: ModelConfig, llava, shapes: train_step_lib.BenchShapes, batch: dict
+                ) -> dict[str, Callable[[], None]]:
   from transformers import CLIPVisionModel
   vit = VisionTransformer(cfg.vision, scan_layers=cfg.scan_layers, dtype="float32", param_dtype="float32",
                           rngs=nnx.Rngs(0))
   s = shapes.image_size
   images = normalize_images(jnp.asarray(batch["images"]).reshape(-1, s, s, 3))
   grid = s // cfg.vision.patch_size
-  llava = train_step_lib.llava_config(cfg, shapes)
   theirs = CLIPVisionModel(llava.vision_config).train()
   pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2))).requires_grad_()
   patches = lambda: theirs(pixel_values=pixels).last_hidden_state[:, 1:]  # LLaVA's features: class token dropped
@@ -145,14 +145,14 @@ def vision_pair(cfg: ModelConfig, shapes: train_step_lib.BenchShapes, batch: dic
           "torch": _torch_grad(patches, list(theirs.parameters()), cotangent)}
 
 
-def connector_pair(cfg: ModelConfig, shapes: train_step_lib.BenchShapes) -> dict[str, Callable[[], None]]:
+def connector_pair(cfg: ModelConfig, llava, shapes: train_step_lib.BenchShapes) -> dict[str, Callable[[], None]]:
   from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
   grid = shapes.image_size // cfg.vision.patch_size
   ours = CAbstractor(cfg.connector, in_dim=cfg.vision.width, out_dim=cfg.decoder.d_model, grid_side=grid,
                      dtype="float32", param_dtype="float32", rngs=nnx.Rngs(0))
   images = shapes.batch * shapes.images_per_row
   x = jax.random.normal(jax.random.key(0), (images, grid * grid, cfg.vision.width))
-  theirs = LlavaMultiModalProjector(train_step_lib.llava_config(cfg, shapes))
+  theirs = LlavaMultiModalProjector(llava)
   tx = torch.from_numpy(np.array(x)).requires_grad_()
   cotangent = _cotangent((images, ours.tokens_per_image, cfg.decoder.d_model))
   graphdef, params = nnx.split(ours)
@@ -212,13 +212,15 @@ def optimizer_pair(cfg: ModelConfig, shapes: train_step_lib.BenchShapes) -> dict
 def run(*, rounds: int, quick: bool, torch_threads: int | None = None, command: str = "") -> dict:
   torch.set_num_threads(torch_threads or os.cpu_count())
   model_cfg, shapes = train_step_lib.bench_config(quick), train_step_lib.bench_shapes(quick)
-  cfg, llama = model_cfg.decoder, train_step_lib.llava_config(model_cfg, shapes).text_config
+  llava = train_step_lib.llava_config(model_cfg, shapes)
+  cfg, llama = model_cfg.decoder, llava.text_config
   b, t = shapes.batch, shapes.seq_len
   batch = train_step_lib.make_batch(model_cfg, shapes)
   matmul = train_step_lib.matmul_fns(256 if quick else train_step_lib.MATMUL_SIDE)
   pairs = {"ffn": ffn_pair(cfg, llama, b, t), "attention": attention_pair(cfg, b, t),
            "layer": layer_pair(cfg, llama, b, t),
-           "vision": vision_pair(model_cfg, shapes, batch), "connector": connector_pair(model_cfg, shapes),
+           "vision": vision_pair(model_cfg, llava, shapes, batch),
+           "connector": connector_pair(model_cfg, llava, shapes),
            "head": head_pair(model_cfg, batch),
            "optimizer": optimizer_pair(model_cfg, shapes),
            "matmul": {"ours": matmul["jax_matmul"], "torch": matmul["torch_matmul"]}}

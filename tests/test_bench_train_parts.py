@@ -39,8 +39,7 @@ def test_attention_sides_compute_the_same_gradients(bench):
 
 def test_head_sides_compute_the_same_gradients(bench):
   """Our fused, chunked loss (chunks skipped where no token counts) against torch's logits of every position."""
-  cfg = bench.train_step_lib.bench_config(quick=True)
-  cfg = dataclasses.replace(cfg, loss_chunk=8)
+  cfg = dataclasses.replace(bench.train_step_lib.bench_config(quick=True), loss_chunk=8)
   batch = bench.train_step_lib.make_batch(cfg, bench.train_step_lib.bench_shapes(quick=True))
   counted = batch["loss_mask"].sum(1)
   assert counted.max() <= batch["loss_mask"].shape[1] - cfg.loss_chunk  # the last chunk is skipped
