@@ -1,4 +1,4 @@
-"""Public benchmark files -> held-out sft records (benchmarks.make_example), and their import as records datasets.
+"""Public benchmark files -> held-out sft records (suites.make_example), and their import as records datasets.
 
   format   annotation file(s) (--input)                         images (--images, default: the file's folder)
   textvqa  TextVQA_0.5.1_val.json: data[] {image_id, question,   train_images/<image_id>.jpg
@@ -9,7 +9,7 @@
            {imgname, query, label}             metric relaxed
   refcoco  refs(unc).p (pickle; --instances: instances.json     <file_name of the image in instances.json>
            beside it by default)               metric iou       (COCO train2014)
-  jsonl    benchmarks.py's JSONL format        --metric, --category
+  jsonl    suites.py's JSONL format            --metric, --category
 A RefCOCO ref gives one example per sentence: "Where is <sentence>? Answer with a box.", answered by the ref's
 annotation box [x, y, w, h] (pixels) as "[x1, y1, x2, y2]" on the 0..1000 grid of the whole image.
 
@@ -24,7 +24,7 @@ import pickle
 from typing import Callable, Iterable, Iterator, Sequence
 
 from mm15_jax.data import records
-from mm15_jax.eval import benchmarks as bench
+from mm15_jax.eval import suites
 
 REFER_PROMPT = "Where is {}? Answer with a box."
 GRID = 1000
@@ -61,7 +61,7 @@ def _find_image(images_dir: str, candidates: Sequence[str], where: str) -> bytes
   for relative in candidates:
     path = os.path.join(images_dir, relative)
     if os.path.isfile(path):
-      return bench.read_image(path, where)
+      return suites.read_image(path, where)
   raise FileNotFoundError(f"{where}: image {os.path.join(images_dir, candidates[0])} not found")
 
 
@@ -70,10 +70,10 @@ def textvqa_examples(path: str, images_dir: str, *, name: str = "TextVQA", instr
     where = f"{path} data[{i}]"
     image_id = _field(item, "image_id", str, where)
     image = _find_image(images_dir, [f"train_images/{image_id}.jpg", f"{image_id}.jpg"], where)
-    yield bench.make_example(source=name, category="Text-rich", metric="vqa",
-                             question=_field(item, "question", str, where),
-                             answers=_field(item, "answers", list, where), images=[image], instruction=instruction,
-                             where=where, example_id=item.get("question_id", i))
+    yield suites.make_example(source=name, category="Text-rich", metric="vqa",
+                              question=_field(item, "question", str, where),
+                              answers=_field(item, "answers", list, where), images=[image], instruction=instruction,
+                              where=where, example_id=item.get("question_id", i))
 
 
 def docvqa_examples(path: str, images_dir: str, *, name: str = "DocVQA", instruction: str = "") -> Iterator[dict]:
@@ -83,10 +83,10 @@ def docvqa_examples(path: str, images_dir: str, *, name: str = "DocVQA", instruc
       raise ValueError(f"{where}: no answers (the DocVQA test split is scored by the official server only)")
     relative = _field(item, "image", str, where)
     image = _find_image(images_dir, [relative, os.path.basename(relative)], where)
-    yield bench.make_example(source=name, category="Text-rich", metric="anls",
-                             question=_field(item, "question", str, where),
-                             answers=_field(item, "answers", list, where), images=[image], instruction=instruction,
-                             where=where, example_id=item.get("questionId", i))
+    yield suites.make_example(source=name, category="Text-rich", metric="anls",
+                              question=_field(item, "question", str, where),
+                              answers=_field(item, "answers", list, where), images=[image], instruction=instruction,
+                              where=where, example_id=item.get("questionId", i))
 
 
 def chartqa_examples(path: str, images_dir: str, *, name: str = "ChartQA", instruction: str = "") -> Iterator[dict]:
@@ -98,9 +98,9 @@ def chartqa_examples(path: str, images_dir: str, *, name: str = "ChartQA", instr
     imgname = _field(item, "imgname", str, where)
     label = _field(item, "label", (str, int, float), where)
     image = _find_image(images_dir, [f"png/{imgname}", imgname], where)
-    yield bench.make_example(source=name, category="Text-rich", metric="relaxed",
-                             question=_field(item, "query", str, where), answers=[str(label)], images=[image],
-                             instruction=instruction, where=where, example_id=f"{os.path.basename(path)}:{i}")
+    yield suites.make_example(source=name, category="Text-rich", metric="relaxed",
+                              question=_field(item, "query", str, where), answers=[str(label)], images=[image],
+                              instruction=instruction, where=where, example_id=f"{os.path.basename(path)}:{i}")
 
 
 def box_to_grid(bbox_xywh: Sequence[float], width: int, height: int) -> list[int]:
@@ -157,16 +157,16 @@ def refcoco_examples(path: str, images_dir: str, *, instances: str = "", split: 
       text = sentence.get("sent") or sentence.get("raw") if isinstance(sentence, dict) else None
       if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{where}: sentence {k} has no text")
-      yield bench.make_example(source=name, category="Refer&Ground", metric="iou",
-                               question=REFER_PROMPT.format(text.strip()), answers=[answer], images=[image],
-                               instruction=instruction, where=f"{where} sentence {k}",
-                               example_id=sentence.get("sent_id", f"{ref.get('ref_id')}:{k}"))
+      yield suites.make_example(source=name, category="Refer&Ground", metric="iou",
+                                question=REFER_PROMPT.format(text.strip()), answers=[answer], images=[image],
+                                instruction=instruction, where=f"{where} sentence {k}",
+                                example_id=sentence.get("sent_id", f"{ref.get('ref_id')}:{k}"))
 
 
 def jsonl_examples(path: str, images_dir: str, *, name: str, category: str, metric: str,
                    instruction: str = "") -> Iterator[dict]:
   del images_dir  # JSONL image paths are relative to the file
-  yield from bench.read_jsonl(path, source=name, category=category, metric=metric, instruction=instruction)
+  yield from suites.read_jsonl(path, source=name, category=category, metric=metric, instruction=instruction)
 
 
 FORMATS: dict[str, Callable[..., Iterator[dict]]] = {
@@ -194,7 +194,7 @@ def examples(fmt: str, inputs: Sequence[str], *, images_dir: str = "", name: str
 def import_benchmark(fmt: str, inputs: Sequence[str], *, out_dir: str, name: str, images_dir: str = "",
                      max_examples: int = 0, overwrite: bool = False, **options) -> int:
   """Writes the examples as split "test" of dataset `out_dir/name`; returns how many were written."""
-  bench.check_name(name)
+  suites.check_name(name)
   if not overwrite and name in (records.list_sources(out_dir) if os.path.isdir(out_dir) else []):
     raise FileExistsError(f"dataset {name!r} already exists under {out_dir} (pass overwrite to replace it)")
   stream = examples(fmt, inputs, images_dir=images_dir, name=name, max_examples=max_examples, **options)

@@ -24,7 +24,7 @@ from mm15_jax.config import DataConfig, Experiment
 from mm15_jax.data import records
 from mm15_jax.data import samples as samples_lib
 from mm15_jax.data.tokenizer import MAX_GRID_SIDE, Tokenizer
-from mm15_jax.eval import benchmarks as bench, generate, metrics, report as report_lib
+from mm15_jax.eval import generate, metrics, report as report_lib, suites
 from mm15_jax.train import runner
 from mm15_jax.train import state as state_lib
 
@@ -41,9 +41,9 @@ def last_answer(record: dict) -> str:
   return next((m["content"] for m in reversed(record["messages"]) if m["role"] == "assistant"), "")
 
 
-def blind_answer(benchmark: bench.Benchmark) -> str | None:
+def blind_answer(benchmark: suites.Benchmark) -> str | None:
   """The most frequent final answer of the benchmark's training split; None when it has none."""
-  if not bench.has_train_split(benchmark.source):
+  if not suites.has_train_split(benchmark.source):
     return None
   source = benchmark.source
   counts = collections.Counter(last_answer(r) for r in records.open_source(source.data_dir, source.name, "train"))
@@ -119,7 +119,7 @@ def _question(record: dict) -> str:
 
 
 def evaluate_params(model, tokenizer: Tokenizer, data_cfg: DataConfig, *, tile_size: int, tokens_per_tile: int,
-                    benchmarks: Sequence[bench.Benchmark], n_max: int | None = None, max_examples: int = 0,
+                    benchmarks: Sequence[suites.Benchmark], n_max: int | None = None, max_examples: int = 0,
                     batch_size: int = 16, max_new_tokens: int = 24, predictions_path: str | None = None,
                     log=print) -> dict:
   """Scores `model` (in memory) on `benchmarks`; call inside the mesh the model's parameters live on.
@@ -131,7 +131,7 @@ def evaluate_params(model, tokenizer: Tokenizer, data_cfg: DataConfig, *, tile_s
   """
   if not benchmarks:
     raise ValueError("evaluate_params: no benchmarks given")
-  table = bench.category_table(benchmarks)  # checks categories before any generation
+  table = suites.category_table(benchmarks)  # checks categories before any generation
   spec = eval_spec(data_cfg, tile_size=tile_size, tokens_per_tile=tokens_per_tile, n_max=n_max)
   results, lines = {}, []
   for b in benchmarks:
@@ -186,7 +186,7 @@ def evaluate_checkpoint(exp: Experiment, checkpoint: str, *, out_dir: str, stage
   """
   stage_cfg = _stage(exp, stage)
   data_cfg = stage_cfg.data
-  selected = bench.select(data_dir or data_cfg.data_dir, benchmarks)
+  selected = suites.select(data_dir or data_cfg.data_dir, benchmarks)
   mesh = sharding.make_mesh(exp.mesh)
   model, model_cfg = load_model(checkpoint, mesh, exp.seed)
   tokenizer = Tokenizer(data_cfg.tokenizer)

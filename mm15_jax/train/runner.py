@@ -196,10 +196,10 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
 
 def periodic_eval(model, tokenizer, stage: StageConfig, model_cfg: ModelConfig, log) -> dict[str, float]:
   """A quick held-out evaluation inside the training loop -> scalars "eval/<benchmark>", "eval/<category>"."""
-  from mm15_jax.eval import benchmarks, run as eval_run
+  from mm15_jax.eval import run as eval_run, suites
   result = eval_run.evaluate_params(
       model, tokenizer, stage.data, tile_size=stage.image_size, tokens_per_tile=model_cfg.connector.pooled_side ** 2,
-      benchmarks=benchmarks.select(stage.data.data_dir, stage.eval_benchmarks or None),
+      benchmarks=suites.select(stage.data.data_dir, stage.eval_benchmarks or None),
       max_examples=stage.eval_max_examples, log=log)
   scalars = {f"eval/{n}": b["score"] for n, b in result["benchmarks"].items()}
   scalars.update({f"eval/{c}": v["score"] for c, v in result["categories"].items()})
