@@ -6,7 +6,8 @@
   mm15 eval --workdir DIR | --checkpoint DIR       benchmark evaluation of a checkpoint on the "test" splits
             [--benchmarks a,b] [--n-max 16]        of the data dir: report.json, categories.png, a table
   mm15 eval import --format F --input FILE --out DATA_DIR --name NAME
-                                                   a public benchmark (textvqa, docvqa, chartqa, refcoco, jsonl)
+                                                   a public benchmark (textvqa, docvqa, chartqa, refcoco, jsonl,
+                                                   mme, pope, multi_mc; --shots K --support F: few-shot)
                                                    -> records dataset NAME, split "test"
   mm15 data convert --format webdataset|parquet|llava --input F... --out DATA_DIR --name NAME
                                                    datasets as shipped -> TFDS ArrayRecord (parallel, restartable)
@@ -114,13 +115,15 @@ def cmd_eval(a):
 
 def cmd_eval_import(a):
   from mm15_jax.eval import adapters
-  options = {"instruction": a.instruction}
+  options = {"instruction": a.instruction, "shots": a.shots, "support": a.support, "seed": a.seed}
   if a.format == "refcoco":
     options.update(instances=a.instances, split=a.split)
   if a.format == "jsonl":
     if not (a.metric and a.category):
       raise SystemExit("mm15 eval import --format jsonl needs --metric and --category")
     options.update(metric=a.metric, category=a.category)
+  if a.format == "multi_mc" and a.category:
+    options.update(category=a.category)
   try:
     n = adapters.import_benchmark(a.format, a.input, out_dir=a.out, name=a.name, images_dir=a.images,
                                   max_examples=a.max_examples, overwrite=a.overwrite, **options)
@@ -227,7 +230,8 @@ def main(argv: list[str] | None = None):
   p.set_defaults(fn=cmd_eval)
   q = p.add_subparsers(dest="eval_command").add_parser(
       "import", help="public benchmark files -> records dataset (split 'test') for `mm15 eval`")
-  q.add_argument("--format", required=True, choices=["textvqa", "docvqa", "chartqa", "refcoco", "jsonl"])
+  q.add_argument("--format", required=True,
+                 choices=["textvqa", "docvqa", "chartqa", "refcoco", "jsonl", "mme", "pope", "multi_mc"])
   q.add_argument("--input", action="append", required=True, help="annotation file; repeat to concatenate")
   q.add_argument("--images", default="", help="image root (default: the annotation file's folder)")
   q.add_argument("--out", required=True, help="data dir to write into")
@@ -235,8 +239,13 @@ def main(argv: list[str] | None = None):
   q.add_argument("--split", default="val", help="refcoco: refs split (val, testA, testB, test)")
   q.add_argument("--instances", default="", help="refcoco: instances.json (default: beside the refs file)")
   q.add_argument("--metric", default="", help="jsonl: metric (exact, vqa, anls, relaxed, iou, mc)")
-  q.add_argument("--category", default="", help="jsonl: the paper's category, e.g. Knowledge")
-  q.add_argument("--instruction", default="", help="text appended to every question")
+  q.add_argument("--category", default="", help="jsonl, multi_mc: the paper's category, e.g. Knowledge")
+  q.add_argument("--instruction", default=None,
+                 help="text appended to every question (default: the format's, e.g. 'Answer the question using a "
+                      "single word or phrase.'; '' for none)")
+  q.add_argument("--shots", type=int, default=0, help="few-shot: support examples before each query (VL-ICL)")
+  q.add_argument("--support", action="append", default=[], help="with --shots: support file(s) of the same format")
+  q.add_argument("--seed", type=int, default=0, help="with --shots: the draw of support examples")
   q.add_argument("--max-examples", type=int, default=0, help="0 = all")
   q.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
   q.set_defaults(fn=cmd_eval_import)

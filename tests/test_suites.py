@@ -55,7 +55,10 @@ def test_textvqa_adapter_and_import(tmp_path):
   n = adapters.import_benchmark("textvqa", [str(path)], out_dir=str(tmp_path / "data"), name="TextVQA")
   assert n == 2
   stored = records.open_source(tmp_path / "data", "TextVQA", "test")
-  assert [user_text(r) for r in stored] == [user_text(r) for r in got]
+  # The import appends TextVQA's default instruction (the usual zero-shot protocol's short-answer request).
+  assert [user_text(r) for r in stored] == [user_text(r) + "\n" + adapters.SHORT_ANSWER for r in got]
+  assert user_text(stored[0]) == ("<image>\nwhat brand is the phone?\n"
+                                  "Answer the question using a single word or phrase.")
   b = suites.from_records(str(tmp_path / "data"), "TextVQA")
   assert (b.category, b.metric) == ("Text-rich", "vqa")
   with pytest.raises(FileExistsError, match="TextVQA"):
@@ -75,7 +78,9 @@ def test_docvqa_adapter(tmp_path):
   path.write_text(json.dumps(data))
   raw = write_image(tmp_path / "val" / "documents" / "pybv0228_81.png")
   (got,) = adapters.examples("docvqa", [str(path)], name="DocVQA")  # images default to the file's folder
-  assert user_text(got) == "<image>\nWhat is the date mentioned?"
+  assert user_text(got) == "<image>\nWhat is the date mentioned?\n" + adapters.SHORT_ANSWER
+  (plain,) = adapters.examples("docvqa", [str(path)], name="DocVQA", instruction="")  # "" overrides: none
+  assert user_text(plain) == "<image>\nWhat is the date mentioned?"
   assert got["answers"] == ["1/8/93", "Jan 8, 1993"] and got["metric"] == "anls" and got["images"] == [raw]
 
   del data["data"][0]["answers"]  # the test split has none

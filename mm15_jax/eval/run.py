@@ -24,7 +24,7 @@ from mm15_jax.config import DataConfig, Experiment
 from mm15_jax.data import records
 from mm15_jax.data import samples as samples_lib
 from mm15_jax.data.tokenizer import MAX_GRID_SIDE, Tokenizer
-from mm15_jax.eval import generate, metrics, report as report_lib, suites
+from mm15_jax.eval import generate, metrics, report as report_lib, suites, summaries
 from mm15_jax.train import runner
 from mm15_jax.train import state as state_lib
 
@@ -115,7 +115,8 @@ def answer(model, tokenizer: Tokenizer, spec: samples_lib.SampleSpec, recs: Sequ
 
 
 def _question(record: dict) -> str:
-  return next(m["content"] for m in record["messages"] if m["role"] == "user")
+  """The last user turn: the question asked (after any few-shot support turns)."""
+  return next(m["content"] for m in reversed(record["messages"]) if m["role"] == "user")
 
 
 def evaluate_params(model, tokenizer: Tokenizer, data_cfg: DataConfig, *, tile_size: int, tokens_per_tile: int,
@@ -139,11 +140,13 @@ def evaluate_params(model, tokenizer: Tokenizer, data_cfg: DataConfig, *, tile_s
     preds = answer(model, tokenizer, spec, recs, batch_size=batch_size, max_new_tokens=max_new_tokens,
                    n_max=n_max, tile_slots=data_cfg.max_images, where=f"benchmark {b.name}")
     scores = [metrics.score(b.metric, p, r["answers"]) for p, r in zip(preds, recs)]
+    summary = summaries.summarize(b.metric, recs, scores, preds)
     blind = blind_answer(b)
-    baseline = None if blind is None else float(np.mean([metrics.score(b.metric, blind, r["answers"]) for r in recs]))
+    baseline = None if blind is None else summaries.summarize(
+        b.metric, recs, [metrics.score(b.metric, blind, r["answers"]) for r in recs], [blind] * len(recs))["score"]
     results[b.name] = {
-        "score": float(np.mean(scores)), "baseline": baseline, "n": len(recs), "metric": b.metric,
-        "category": b.category, "blind_answer": blind, "source": str(b.source),
+        "score": float(summary["score"]), "baseline": baseline, "n": len(recs), "metric": b.metric,
+        "category": b.category, "blind_answer": blind, "source": str(b.source), "details": summary["details"],
         "examples": [{"question": _question(r), "prediction": p, "answers": r["answers"]}
                      for p, r in zip(preds[:SHOWN_EXAMPLES], recs)]}
     lines += [{"benchmark": b.name, "index": i, "question": _question(r), "prediction": p, "answers": r["answers"],
@@ -222,6 +225,13 @@ def format_table(result: dict) -> str:
   rows = [f"{'benchmark':<20} {'category':<14} {'metric':<8} {'n':>6} {'score':>6} {'blind':>6}"]
   for name, b in result["benchmarks"].items():
     rows.append(f"{name:<20} {b['category']:<14} {b['metric']:<8} {b['n']:>6} {pct(b['score'])} {pct(b['baseline'])}")
+    details = b.get("details") or {}
+    if "total" in details:  # MME's own reading: summed subtask scores
+      rows.append(f"  MME score {details['total']:.1f} (perception {details['perception']:.1f}, cognition "
+                  f"{details['cognition']:.1f})")
+    for split, v in (details.get("splits") or {}).items():
+      rows.append(f"  {split}: accuracy {100 * v['accuracy']:.1f} precision {100 * v['precision']:.1f} recall "
+                  f"{100 * v['recall']:.1f} F1 {100 * v['f1']:.1f}")
   rows.append("")
   rows.append(f"{'category':<20} {'':<14} {'':<8} {'':>6} {'score':>6} {'blind':>6}")
   for name, c in result["categories"].items():

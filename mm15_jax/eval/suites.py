@@ -94,6 +94,18 @@ def make_example(*, source: str, category: str, metric: str, question: str, answ
           "answers": answers, "metric": metric, **extra}
 
 
+def with_support(query: dict, support: Sequence[dict]) -> dict:
+  """A few-shot example (VL-ICL style): each support example as a user turn answered by its first reference, then
+  the query's user turn; images in that order. Scored like the query."""
+  messages, images = [], []
+  for s in support:
+    messages += [{"role": "user", "content": s["messages"][-1]["content"]},
+                 {"role": "assistant", "content": s["answers"][0]}]
+    images += list(s["images"])
+  return {**query, "messages": messages + list(query["messages"]), "images": images + list(query["images"]),
+          "shots": len(support)}
+
+
 def _with_choices(question: str, answers: list[str], choices: Sequence[str], where: str) -> tuple[str, list[str]]:
   if isinstance(choices, str) or not choices or not all(isinstance(c, str) for c in choices):
     raise ValueError(f"{where}: choices must be a non-empty list of strings, got {choices!r}")
