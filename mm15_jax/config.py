@@ -115,7 +115,8 @@ class StageConfig:
   name: str = "stage"
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   steps: int = 1000
-  batch_size: int = 256          # global, in sequences
+  epochs: float = 0.0            # > 0: the stage's length in epochs of its mixture; steps resolved at start
+  batch_size: int = 256          # global, in packed rows of data.seq_len tokens
   grad_accum: int = 1
   learning_rate: float = 1e-5
   warmup_fraction: float = 0.01

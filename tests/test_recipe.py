@@ -28,7 +28,7 @@ def test_stage2_ocr(stages):
 
 def test_stage3_sft(stages):
   s = stages["sft"]
-  assert (s.batch_size, s.image_size, s.init_from) == (256, 672, "previous")
+  assert (s.batch_size, s.image_size, s.init_from, s.epochs) == (256, 672, "previous", 1.0)  # "SFT for one epoch"
   split = s.data.split
   assert (split.mode, split.tile_size, split.n_min, split.n_max) == ("dynamic", 672, 4, 9)
   shares = {mixture.SFT_SOURCE_CATEGORIES[src]: w for src, w in s.data.mixture.items()}

@@ -24,6 +24,7 @@ from mm15_jax.data.tokenizer import Tokenizer
 from mm15_jax.models import vit
 from mm15_jax.train import checkpoint as ckpt_lib
 from mm15_jax.train import distributed
+from mm15_jax.train import epochs as epochs_lib
 from mm15_jax.train import flops as flops_lib
 from mm15_jax.train import optim
 from mm15_jax.train import state as state_lib
@@ -116,6 +117,13 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
   checkpointer = ckpt_lib.Checkpointer(checkpoint_dir(workdir, stage), keep=stage.keep_checkpoints,
                                        keep_period=stage.keep_every or None)
   start = checkpointer.latest_step() or 0
+  probe = lambda rows: iter(pipeline_lib.make_dataset(
+      dataclasses.replace(stage.data, num_workers=0), sources=sources, tokenizer=tokenizer,
+      tokens_per_tile=model_cfg.connector.pooled_side ** 2, tile_size=stage.image_size, batch_size=rows,
+      seed=exp.seed, read_threads=0))
+  stage, schedule = epochs_lib.resolve(
+      stage, sources=sources, probe=probe, log=log,
+      saved=ckpt_lib.read_meta(checkpointer.directory, start) if start and stage.epochs else None)
   if start:  # resume: restore straight into the shards, nothing initialised
     graphdef, params, rest = state_lib.sharded_abstract_model(model_cfg, mesh, exp.seed)
     tx = optim.make_optimizer(stage, params)
@@ -125,7 +133,8 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
     graphdef, params, rest = initial_params(exp, index, workdir, model_cfg, mesh, log)
     tx = optim.make_optimizer(stage, params)
     state = state_lib.new_train_state(params, tx, mesh)
-  meta = {"model": config_lib.to_dict(model_cfg), "stage": config_lib.to_dict(stage), "experiment": exp.name}
+  meta = {"model": config_lib.to_dict(model_cfg), "stage": config_lib.to_dict(stage), "experiment": exp.name,
+          **({"schedule": schedule} if schedule else {})}
 
   step_fn = make_train_step(graphdef, rest, tx, model_cfg=model_cfg, image_token_id=tokenizer.image_id,
                             num_sources=len(source_names), grad_accum=stage.grad_accum)
