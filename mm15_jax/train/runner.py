@@ -21,7 +21,7 @@ from mm15_jax.config import Experiment, ModelConfig, StageConfig
 from mm15_jax.data import pipeline as pipeline_lib
 from mm15_jax.data import records
 from mm15_jax.data.tokenizer import Tokenizer
-from mm15_jax.models import vit
+from mm15_jax.models import upcycle, vit
 from mm15_jax.train import checkpoint as ckpt_lib
 from mm15_jax.train import distributed
 from mm15_jax.train import epochs as epochs_lib
@@ -71,6 +71,12 @@ def initial_params(exp: Experiment, index: int, workdir: str, model_cfg: ModelCo
     model = nnx.merge(graphdef, like, rest)
     vit.resize_image_size(model, model_cfg.vision.image_size)  # e.g. position embeddings 378 -> 672
     like = nnx.state(model, nnx.Param)
+  if saved_cfg.decoder.moe is None and model_cfg.decoder.moe is not None:  # dense -> MoE: experts copy the FFNs
+    where = f"config key stages.{stage.name}.init_from={source!r}"
+    upcycle.check_compatible(saved_cfg.decoder, model_cfg.decoder, where)
+    log(f"[{stage.name}] upcycling the dense decoder: {model_cfg.decoder.moe.num_experts} experts per MoE layer")
+    _, fresh, _ = state_lib.init_params(model_cfg, mesh, exp.seed)
+    like = upcycle.upcycle_params(like, fresh, saved_cfg.decoder, model_cfg.decoder, where=where)
   # Rebuild under this stage's config so the graph is exactly that of a fresh model of this stage.
   graphdef, params, _ = state_lib.abstract_model(model_cfg, exp.seed)
   state_lib.check_shapes(params, like, f"config key stages.{stage.name}.init_from={source!r}")
