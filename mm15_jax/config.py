@@ -87,6 +87,9 @@ class SplitConfig:
   n_max: int = 9                 # dynamic: most tiles
   static_grid: int = 2           # static: grid x grid tiles
   overview: bool = True          # add the whole image resized to one tile, after the tiles
+  overview_first: bool = False   # ablation: the overview before the tiles instead
+  tile_markers: str = "index"    # "index": <row_i> <col_j> before each tile; "separator" (ablation): "," between
+                                 # the tiles of a row and "\n" between rows, as text tokens
   max_images_to_split: int = 2   # split only when a sample has fewer than 3 images
   resample: str = "fast"         # "fast" (OpenCV: box-reduce + bilinear/bicubic) | "antialias" (PIL bicubic)
   # The model enlarges tiles (bicubic, on the accelerator): the batch carries each tile's source pixels and their
