@@ -98,10 +98,23 @@ class SplitConfig:
 
 
 @dataclasses.dataclass
+class SftMixtureConfig:
+  """An SFT mixture by categories (data/mixture.py), resolved at start into data.mixture; name "" leaves
+  data.mixture as given."""
+  name: str = ""                 # base | single_image | all, or categories joined by "+" ("general+math")
+  alpha: dict[str, float] = dataclasses.field(default_factory=dict)   # ratio to general, per category (overrides)
+  group_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # single_image/multi_image/text_only
+  sources: dict[str, str] = dataclasses.field(default_factory=dict)   # dataset -> category ({}: the data dir's
+                                                                      # datasets whose records name a category)
+  within: str = "size"           # several datasets in a category: weighted by "size" or "equal"
+
+
+@dataclasses.dataclass
 class DataConfig:
   data_dir: str = ""
   tokenizer: str = ""            # sentencepiece model file
   mixture: dict[str, float] = dataclasses.field(default_factory=dict)  # source -> weight
+  sft: SftMixtureConfig = dataclasses.field(default_factory=SftMixtureConfig)  # name set: replaces mixture
   equal_sources: bool = False    # stage 2: sources in exactly equal numbers in every batch
   split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
   seq_len: int = 4096

@@ -52,3 +52,59 @@ def test_separator_markers(tok):
   with pytest.raises(ValueError, match="data.split.tile_markers must be one of"):
     samples.make_sample(record, tok, spec("static", tile_markers="commas"))
   assert images_lib.TILE_MARKERS == ("index", "separator")
+
+
+# --- SFT mixtures as config data --------------------------------------------------------------------------------
+
+from mm15_jax import config as config_lib  # noqa: E402
+from mm15_jax.config import DataConfig, Experiment, StageConfig  # noqa: E402
+from mm15_jax.data import mixture, records  # noqa: E402
+
+
+def test_general_plus_x_and_overrides():
+  cats = {"g": "general", "m": "math", "t": "text_rich", "x": "text_only"}
+  assert mixture.sft_mixture("general+math", cats) == pytest.approx({"g": 1 / 1.5, "m": 0.5 / 1.5})
+  got = mixture.sft_mixture("general+text_rich+text_only", cats, {**mixture.SFT_ALPHA, "text_rich": 1.0},
+                            {**mixture.SFT_GROUPS, "text_only": 0.2})
+  # single-image 0.8 and text-only 0.2, renormalised over the groups present (1.0); general = text_rich inside
+  assert got == pytest.approx({"g": 0.4, "t": 0.4, "x": 0.2})
+  with pytest.raises(ValueError, match=r"unknown SFT mixture 'general\+poetry'.*\['poetry'\]"):
+    mixture.sft_mixture("general+poetry", cats)
+
+
+def test_several_datasets_per_category_weighted_by_size():
+  cats = {"g1": "general", "g2": "general", "m": "math"}
+  sizes = {"g1": 300, "g2": 100, "m": 50}
+  got = mixture.sft_mixture("general+math", cats, sizes=sizes)
+  assert got == pytest.approx({"g1": 0.75 / 1.5, "g2": 0.25 / 1.5, "m": 0.5 / 1.5})
+  equal = mixture.sft_mixture("general+math", cats)
+  assert equal["g1"] == equal["g2"] == pytest.approx(0.5 / 1.5)
+
+
+def _sft(category, n):
+  return [{"kind": "sft", "source": "s", "category": category, "images": [],
+           "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * n
+
+
+def test_resolved_at_start_from_the_data_dir_and_reachable_with_set(tmp_path):
+  data_dir = str(tmp_path)
+  records.write_source(data_dir, "vqa_a", {"train": _sft("general", 6)})
+  records.write_source(data_dir, "vqa_b", {"train": _sft("general", 2)})
+  records.write_source(data_dir, "charts", {"train": _sft("text_rich", 4)})
+  records.write_source(data_dir, "captions", {"train": [{"kind": "text", "source": "c", "text": "t", "images": []}]})
+  records.write_source(data_dir, "heldout", {"test": _sft("general", 1)})
+  exp = Experiment(stages=[StageConfig(name="sft", data=DataConfig(data_dir=data_dir, mixture={"old": 1.0}))])
+  config_lib.override(exp, ["stages.sft.data.sft.name=general+text_rich", "stages.sft.data.sft.alpha.text_rich=1.0"])
+  assert mixture.discover_sft_sources(data_dir) == {"charts": "text_rich", "vqa_a": "general", "vqa_b": "general"}
+  log = []
+  data = mixture.resolve_sft(exp.stages[0].data, log=log.append)
+  assert data.mixture == pytest.approx({"charts": 0.5, "vqa_a": 0.375, "vqa_b": 0.125})
+  assert "over 3 datasets" in log[0]
+  config_lib.override(exp, ["stages.sft.data.sft.within=equal", 'stages.sft.data.sft.sources={"vqa_a": "general", '
+                            '"charts": "text_rich"}'])
+  assert mixture.resolve_sft(exp.stages[0].data, log=log.append).mixture == pytest.approx({"charts": 0.5,
+                                                                                           "vqa_a": 0.5})
+  config_lib.override(exp, ["stages.sft.data.sft.alpha.poetry=1.0"])
+  with pytest.raises(ValueError, match=r"data.sft.alpha: unknown \['poetry'\]"):
+    mixture.resolve_sft(exp.stages[0].data)
+  assert mixture.resolve_sft(DataConfig(mixture={"a": 1.0})).mixture == {"a": 1.0}  # no name: unchanged

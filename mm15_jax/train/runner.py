@@ -18,6 +18,7 @@ from flax import nnx
 from mm15_jax import config as config_lib
 from mm15_jax import sharding
 from mm15_jax.config import Experiment, ModelConfig, StageConfig
+from mm15_jax.data import mixture as mixture_lib
 from mm15_jax.data import pipeline as pipeline_lib
 from mm15_jax.data import records
 from mm15_jax.data.tokenizer import Tokenizer
@@ -94,6 +95,7 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
   that many processes sees (a multi-host run reproduced on one process).
   """
   stage = exp.stages[index]
+  stage = dataclasses.replace(stage, data=mixture_lib.resolve_sft(stage.data, log=log))  # data.sft -> data.mixture
   out_dir = stage_dir(workdir, stage)
   os.makedirs(out_dir, exist_ok=True)
   tokenizer = Tokenizer(stage.data.tokenizer)
