@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None):
   q.add_argument("--name", required=True, help="dataset (benchmark) name, e.g. TextVQA")
   q.add_argument("--split", default="val", help="refcoco: refs split (val, testA, testB, test)")
   q.add_argument("--instances", default="", help="refcoco: instances.json (default: beside the refs file)")
-  q.add_argument("--metric", default="", help="jsonl: metric (exact, vqa, anls, relaxed, iou, mc)")
+  q.add_argument("--metric", default="", help="jsonl: metric (exact, vqa, anls, relaxed, iou, mc, mme, pope)")
   q.add_argument("--category", default="", help="jsonl, multi_mc: the paper's category, e.g. Knowledge")
   q.add_argument("--instruction", default=None,
                  help="text appended to every question (default: the format's, e.g. 'Answer the question using a "
