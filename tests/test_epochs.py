@@ -46,6 +46,11 @@ def test_resolve_measures_or_takes_the_checkpoint_schedule():
   kept, again = epochs.resolve(stage, sources={}, probe=None, saved={"schedule": {**schedule, "steps": 11}},
                                log=log.append)
   assert kept.steps == 11 and again["steps"] == 11 and "as the checkpoint resolved them" in log[-1]
+  equal = StageConfig(name="ocr", epochs=1.0, batch_size=6,
+                      data=DataConfig(mixture={"a": 1.0, "b": 1.0, "c": 1.0}, equal_sources=True))
+  asked.clear()
+  got, _ = epochs.resolve(equal, sources={"a": [0] * 4, "b": [0] * 4, "c": [0] * 4}, probe=probe, log=log.append)
+  assert asked == [33] and got.steps == 1  # probe batches divisible by the 3 sources equal_sources needs
   assert epochs.resolve(StageConfig(steps=5), sources={}, probe=None) == (StageConfig(steps=5), None)
   with pytest.raises(ValueError, match=r"stages.sft.epochs=-1.0: must be > 0"):
     epochs.resolve(StageConfig(name="sft", epochs=-1.0), sources={}, probe=None)

@@ -156,3 +156,9 @@ def test_default_instructions():
   assert adapters.default_instruction("jsonl", "mc") == "" == adapters.default_instruction("refcoco")
   assert adapters.default_instruction("mme") == ""  # MME's questions end in "Please answer yes or no."
   assert set(adapters.DEFAULT_INSTRUCTIONS) | {"jsonl"} == set(adapters.FORMATS)
+
+
+def test_yes_no_references_checked_at_import():
+  with pytest.raises(ValueError, match=r"q.jsonl:1: pope references must be 'yes' or 'no'"):
+    suites.make_example(source="s", category="General", metric="pope", question="Is it?", answers=["maybe"],
+                        images=[b"x"], where="q.jsonl:1")

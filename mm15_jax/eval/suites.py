@@ -83,7 +83,7 @@ def make_example(*, source: str, category: str, metric: str, question: str, answ
   elif marks != len(images):
     raise ValueError(f"{where}: the question has {marks} {IMAGE_MARK} marks but the example has {len(images)} "
                      "images")
-  if metric in ("mc", "iou"):
+  if metric in ("mc", "iou", "mme", "pope"):
     for answer in answers:  # a reference the metric cannot read would fail only at scoring time
       try:
         metrics.score(metric, answer, [answer])

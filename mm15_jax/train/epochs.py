@@ -61,7 +61,10 @@ def resolve(stage: StageConfig, *, sources: Mapping[str, Sequence], probe: Calla
     return dataclasses.replace(stage, steps=int(schedule["steps"])), schedule
   counts = mixture_samples(stage.data.mixture, sources)
   total = sum(counts.values())
-  per_row, rows = samples_per_row(itertools.islice(probe(PROBE_BATCH), math.ceil(PROBE_ROWS / PROBE_BATCH)))
+  batch = PROBE_BATCH
+  if stage.data.equal_sources:  # every batch holds each source equally: a multiple of the source count
+    batch = math.ceil(PROBE_BATCH / len(stage.data.mixture)) * len(stage.data.mixture)
+  per_row, rows = samples_per_row(itertools.islice(probe(batch), math.ceil(PROBE_ROWS / batch)))
   steps = steps_for(stage.epochs, total, per_row, stage.batch_size)
   schedule = {"epochs": stage.epochs, "dataset_samples": counts, "samples": total, "samples_per_row": per_row,
               "probe_rows": rows, "batch_size": stage.batch_size, "steps": steps}
