@@ -6,9 +6,10 @@
   mm15 eval --workdir DIR | --checkpoint DIR       benchmark evaluation of a checkpoint on the "test" splits
             [--benchmarks a,b] [--n-max 16]        of the data dir: report.json, categories.png, a table
   mm15 eval import --format F --input FILE --out DATA_DIR --name NAME
-                                                   a public benchmark (textvqa, docvqa, chartqa, refcoco, jsonl)
+                                                   a public benchmark (textvqa, docvqa, chartqa, refcoco, jsonl,
+                                                   mme, pope, multi_mc; --shots K --support F: few-shot)
                                                    -> records dataset NAME, split "test"
-  mm15 data convert --format webdataset|parquet|llava --input F... --out DATA_DIR --name NAME
+  mm15 data convert --format webdataset|parquet|jsonl|llava --kind K --input F... --out DATA_DIR --name NAME
                                                    datasets as shipped -> TFDS ArrayRecord (parallel, restartable)
   mm15 convert-hf --vision DIR --decoder DIR --out CKPT
                                                    Hugging Face CLIP + LLM safetensors -> a stage-1 checkpoint
@@ -114,13 +115,15 @@ def cmd_eval(a):
 
 def cmd_eval_import(a):
   from mm15_jax.eval import adapters
-  options = {"instruction": a.instruction}
+  options = {"instruction": a.instruction, "shots": a.shots, "support": a.support, "seed": a.seed}
   if a.format == "refcoco":
     options.update(instances=a.instances, split=a.split)
   if a.format == "jsonl":
     if not (a.metric and a.category):
       raise SystemExit("mm15 eval import --format jsonl needs --metric and --category")
     options.update(metric=a.metric, category=a.category)
+  if a.format == "multi_mc" and a.category:
+    options.update(category=a.category)
   try:
     n = adapters.import_benchmark(a.format, a.input, out_dir=a.out, name=a.name, images_dir=a.images,
                                   max_examples=a.max_examples, overwrite=a.overwrite, **options)
@@ -178,19 +181,21 @@ def main(argv: list[str] | None = None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--scale", type=float, default=1.0)
   p.set_defaults(fn=cmd_synth)
-  p = data.add_parser("convert", help="convert webdataset tars, parquet files or LLaVA JSON into a dataset")
-  p.add_argument("--format", required=True, choices=["webdataset", "parquet", "llava"])
+  p = data.add_parser("convert", help="convert webdataset tars, parquet, JSONL or LLaVA JSON into a dataset")
+  p.add_argument("--format", required=True, choices=["webdataset", "parquet", "jsonl", "llava"])
   p.add_argument("--input", required=True, nargs="+", help="files, globs or folders")
   p.add_argument("--out", required=True, help="data dir that receives the dataset")
   p.add_argument("--name", required=True, help="dataset name, e.g. ocr_pdfa")
   p.add_argument("--split", default="train", choices=["train", "test"])
-  p.add_argument("--kind", default="", help="ocr|caption (webdataset, parquet); llava makes sft")
+  p.add_argument("--kind", default="", help="webdataset: ocr|caption; parquet: ocr|caption|text|interleaved|sft; "
+                                             "jsonl: text|interleaved; llava makes sft")
   p.add_argument("--source", default="", help="the records' source field (default: --name)")
-  p.add_argument("--category", default="", help="SFT category (llava)")
+  p.add_argument("--category", default="", help="SFT category (llava, --kind sft)")
   p.add_argument("--text-field", default="", help="webdataset: dotted key in the .json member (default: .txt)")
-  p.add_argument("--image-column", default="image")
-  p.add_argument("--text-column", default="text")
-  p.add_argument("--image-root", default="", help="llava: folder the image paths are relative to")
+  p.add_argument("--image-column", default="", help="default: image (interleaved: images)")
+  p.add_argument("--text-column", default="", help="default: text (interleaved: texts)")
+  p.add_argument("--image-root", default="", help="folder image paths are relative to (llava: required; "
+                                                  "parquet/jsonl: default the input file's folder)")
   p.add_argument("--records-per-shard", type=int, default=10000, help="llava: entries per parallel shard")
   p.add_argument("--workers", type=int, default=1)
   p.add_argument("--max-bad-fraction", type=float, default=0.01)
@@ -227,16 +232,22 @@ def main(argv: list[str] | None = None):
   p.set_defaults(fn=cmd_eval)
   q = p.add_subparsers(dest="eval_command").add_parser(
       "import", help="public benchmark files -> records dataset (split 'test') for `mm15 eval`")
-  q.add_argument("--format", required=True, choices=["textvqa", "docvqa", "chartqa", "refcoco", "jsonl"])
+  q.add_argument("--format", required=True,
+                 choices=["textvqa", "docvqa", "chartqa", "refcoco", "jsonl", "mme", "pope", "multi_mc"])
   q.add_argument("--input", action="append", required=True, help="annotation file; repeat to concatenate")
   q.add_argument("--images", default="", help="image root (default: the annotation file's folder)")
   q.add_argument("--out", required=True, help="data dir to write into")
   q.add_argument("--name", required=True, help="dataset (benchmark) name, e.g. TextVQA")
   q.add_argument("--split", default="val", help="refcoco: refs split (val, testA, testB, test)")
   q.add_argument("--instances", default="", help="refcoco: instances.json (default: beside the refs file)")
-  q.add_argument("--metric", default="", help="jsonl: metric (exact, vqa, anls, relaxed, iou, mc)")
-  q.add_argument("--category", default="", help="jsonl: the paper's category, e.g. Knowledge")
-  q.add_argument("--instruction", default="", help="text appended to every question")
+  q.add_argument("--metric", default="", help="jsonl: metric (exact, vqa, anls, relaxed, iou, mc, mme, pope)")
+  q.add_argument("--category", default="", help="jsonl, multi_mc: the paper's category, e.g. Knowledge")
+  q.add_argument("--instruction", default=None,
+                 help="text appended to every question (default: the format's, e.g. 'Answer the question using a "
+                      "single word or phrase.'; '' for none)")
+  q.add_argument("--shots", type=int, default=0, help="few-shot: support examples before each query (VL-ICL)")
+  q.add_argument("--support", action="append", default=[], help="with --shots: support file(s) of the same format")
+  q.add_argument("--seed", type=int, default=0, help="with --shots: the draw of support examples")
   q.add_argument("--max-examples", type=int, default=0, help="0 = all")
   q.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
   q.set_defaults(fn=cmd_eval_import)

@@ -87,6 +87,9 @@ class SplitConfig:
   n_max: int = 9                 # dynamic: most tiles
   static_grid: int = 2           # static: grid x grid tiles
   overview: bool = True          # add the whole image resized to one tile, after the tiles
+  overview_first: bool = False   # ablation: the overview before the tiles instead
+  tile_markers: str = "index"    # "index": <row_i> <col_j> before each tile; "separator" (ablation): "," between
+                                 # the tiles of a row and "\n" between rows, as text tokens
   max_images_to_split: int = 2   # split only when a sample has fewer than 3 images
   resample: str = "fast"         # "fast" (OpenCV: box-reduce + bilinear/bicubic) | "antialias" (PIL bicubic)
   # The model enlarges tiles (bicubic, on the accelerator): the batch carries each tile's source pixels and their
@@ -95,10 +98,23 @@ class SplitConfig:
 
 
 @dataclasses.dataclass
+class SftMixtureConfig:
+  """An SFT mixture by categories (data/mixture.py), resolved at start into data.mixture; name "" leaves
+  data.mixture as given."""
+  name: str = ""                 # base | single_image | all, or categories joined by "+" ("general+math")
+  alpha: dict[str, float] = dataclasses.field(default_factory=dict)   # ratio to general, per category (overrides)
+  group_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # single_image/multi_image/text_only
+  sources: dict[str, str] = dataclasses.field(default_factory=dict)   # dataset -> category ({}: the data dir's
+                                                                      # datasets whose records name a category)
+  within: str = "size"           # several datasets in a category: weighted by "size" or "equal"
+
+
+@dataclasses.dataclass
 class DataConfig:
   data_dir: str = ""
   tokenizer: str = ""            # sentencepiece model file
   mixture: dict[str, float] = dataclasses.field(default_factory=dict)  # source -> weight
+  sft: SftMixtureConfig = dataclasses.field(default_factory=SftMixtureConfig)  # name set: replaces mixture
   equal_sources: bool = False    # stage 2: sources in exactly equal numbers in every batch
   split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
   seq_len: int = 4096
@@ -115,7 +131,8 @@ class StageConfig:
   name: str = "stage"
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   steps: int = 1000
-  batch_size: int = 256          # global, in sequences
+  epochs: float = 0.0            # > 0: the stage's length in epochs of its mixture; steps resolved at start
+  batch_size: int = 256          # global, in packed rows of data.seq_len tokens
   grad_accum: int = 1
   learning_rate: float = 1e-5
   warmup_fraction: float = 0.01

@@ -79,21 +79,40 @@ def test_anls():
 
 
 def test_anls_threshold_edge():
-  assert M.anls("abxy", ["abcd"]) == 0.0  # NL exactly 0.5 -> 0
-  assert M.anls("ac", ["ab"]) == 0.0
+  # The scoring script zeroes a question only when 1 - NL < 0.5: NL exactly 0.5 keeps 0.5.
+  assert M.anls("abxy", ["abcd"]) == 0.5
+  assert M.anls("ac", ["ab"]) == 0.5
+  assert M.anls("abxyz", ["abcde"]) == 0.0  # NL 0.6
   assert M.anls("abcdxyz", ["abcdefg"]) == pytest.approx(4 / 7)  # NL 3/7 < 0.5 keeps its score
   assert M.anls("completely different", ["x"]) == 0.0
+
+
+# Cases from the official DocVQA / InfographicVQA scoring script (infographicsvqa_eval.py, Robust Reading
+# Competition, docvqa.org): anls_compute(gt, det) lower-cases, strips and joins whitespace runs with one space
+# (' '.join(s.strip().lower().split())) before the edit distance, and divides by max(len(gt), len(det)) of the
+# strings as given; a question scores 1 - min NL, set to 0 when below the 0.5 threshold.
+@pytest.mark.parametrize("pred, ref, expected", [
+    ("new  york", "New York", 1.0),  # a run of spaces is one space
+    ("New\tYork\n", "new york", 1.0),  # tabs and newlines too
+    ("  12 /15 / 89", "12/15/89", 1 - 3 / 13),  # distance 3 on the collapsed "12 /15 / 89", length 13 as given
+    ("Dear dr.  Lobo", "Dear Dr. Lobo", 1.0),
+    ("12/15/88", "12/15/89", 1 - 1 / 8),
+])
+def test_anls_official_script(pred, ref, expected):
+  assert M.anls(pred, [ref]) == pytest.approx(expected)
 
 
 # --- ChartQA relaxed accuracy ---------------------------------------------------------------------------------
 
 def test_parse_number():
+  # Pix2Struct's _to_float (pix2struct/metrics.py): float(text), or float(text.rstrip("%")) / 100.0.
   assert M.parse_number(" 12 ") == 12.0
   assert M.parse_number("-3.5") == -3.5
-  assert M.parse_number("45%") == pytest.approx(0.45)
+  assert M.parse_number("45%") == 45 / 100.0
+  assert M.parse_number("35%") == 35 / 100.0 != 35 * 0.01  # the division, not a multiplication by 0.01
   assert M.parse_number("1e3") == 1000.0
+  assert M.parse_number("1_000") == 1000.0  # Python's float() reads it
   assert M.parse_number("1,000") is None
-  assert M.parse_number("nan") is None
   assert M.parse_number("12 apples") is None
 
 
@@ -109,6 +128,16 @@ def test_parse_number():
     ("abc", "100", 0.0),
 ])
 def test_relaxed_accuracy(pred, ref, expected):
+  assert M.relaxed_accuracy(pred, [ref]) == expected
+
+
+@pytest.mark.parametrize("pred, ref, expected", [
+    # Pix2Struct's relaxed_correctness, where the percentage is divided by 100: 0.3675 vs 35 / 100 = 0.35 is a
+    # relative change of 0.05000000000000004 (> 0.05, wrong); with 35 * 0.01 = 0.35000000000000003 it was 0.0499...
+    ("0.3675", "35%", 0.0), ("0.3325", "35%", 1.0), ("36.75%", "35%", 0.0), ("9.45%", "9%", 1.0),
+    ("nan", "nan", 0.0),  # float("nan") parses; NaN is never within 5%, and no string match is tried
+])
+def test_relaxed_accuracy_pix2struct_percentages(pred, ref, expected):
   assert M.relaxed_accuracy(pred, [ref]) == expected
 
 
@@ -218,3 +247,32 @@ def test_mean_score():
   assert M.mean_score("exact", ["a", "b", "c", "d"], [["a"], ["x"], ["c"], ["y", "d"]]) == 0.75
   with pytest.raises(ValueError):
     M.mean_score("exact", ["a"], [])
+
+
+# --- MME and POPE -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, label", [
+    # MME eval_tool/calculation.py parse_pred_ans on the lower-cased answer: the whole answer, else "yes" / "no"
+    # within its first 4 characters, "yes" tried first.
+    ("Yes", "yes"), ("no", "no"), ("Yes, there is a dog.", "yes"), ("No.", "no"), ("Not at all", "no"),
+    ("The answer is yes", "other"), ("nope", "no"), ("I think so", "other"), ("a no", "no"),
+])
+def test_mme_label(text, label):
+  assert M.mme_label(text) == label
+
+
+@pytest.mark.parametrize("text, label", [
+    # POPE evaluate.py: first sentence (split at "."), commas removed, "no" when a space-separated word is "No",
+    # "no" or "not", else "yes" (so anything else, even an unrelated answer, reads as yes).
+    ("No", "no"), ("Yes", "yes"), ("There is not a dog.", "no"), ("Yes. There is no cat.", "yes"),
+    ("No, there is none", "no"), ("NO", "yes"), ("Nope", "yes"), ("a cat", "yes"),
+])
+def test_pope_label(text, label):
+  assert M.pope_label(text) == label
+
+
+def test_yes_no_metrics():
+  assert M.score("mme", "Yes, it is", ["Yes"]) == 1.0 and M.score("mme", "maybe", ["No"]) == 0.0
+  assert M.score("pope", "There is no dog.", ["no"]) == 1.0 and M.score("pope", "NO", ["no"]) == 0.0
+  with pytest.raises(ValueError, match="'yes' or 'no'"):
+    M.score("pope", "yes", ["a cat"])

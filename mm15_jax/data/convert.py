@@ -1,6 +1,10 @@
-"""Converts datasets in the formats they ship in (webdataset tars, parquet, LLaVA JSON) into record datasets.
+"""Converts datasets in the formats they ship in (webdataset tars, parquet, JSONL, LLaVA JSON) into record datasets.
 
-  mm15 data convert --format webdataset|parquet|llava --input FILES... --out DATA_DIR --name DATASET [options]
+  mm15 data convert --format webdataset|parquet|jsonl|llava --kind KIND --input FILES... --out DATA_DIR
+                    --name DATASET [options]
+
+Kinds by format (convert_formats.KINDS): webdataset ocr|caption; parquet ocr|caption|text|interleaved|sft (the
+last: the_cauldron or LLaVA-OneVision layout); jsonl text|interleaved; llava sft.
 
 The result is the same TFDS ArrayRecord layout `records.write_source` writes (DATA_DIR/<name>/<version>/), read
 with `records.open_source`. Conversion is restartable and parallel over input shards (a tar or parquet file, or
@@ -34,11 +38,11 @@ from collections.abc import Callable, Iterable, Iterator
 from etils import epath
 
 from mm15_jax.data import records
-from mm15_jax.data.convert_formats import (FORMATS, READERS, BadEntry, ConvertOptions, Shard,
+from mm15_jax.data.convert_formats import (DEFAULT_COLUMNS, FORMATS, KINDS, READERS, BadEntry, ConvertOptions, Shard,
                                            load_llava_entries)
 
-FILE_SUFFIXES = {"webdataset": (".tar", ".tar.gz", ".tgz"), "parquet": (".parquet",), "llava": (".json", ".jsonl")}
-PRETRAIN_KINDS = ("ocr", "caption")
+FILE_SUFFIXES = {"webdataset": (".tar", ".tar.gz", ".tgz"), "parquet": (".parquet",), "llava": (".json", ".jsonl"),
+                 "jsonl": (".jsonl", ".json")}
 STAGING = ".convert"
 _WARNINGS_PER_SHARD = 10  # bad entries named per shard; the rest are counted
 
@@ -233,17 +237,18 @@ def convert(inputs: Iterable[str], data_dir: str, name: str, opts: ConvertOption
   log = progress or (lambda _: None)
   if opts.format not in FORMATS:
     raise ConvertError(f"--format {opts.format!r}: expected one of {FORMATS}")
+  if opts.kind not in KINDS[opts.format]:
+    raise ConvertError(f"--kind {opts.kind!r}: --format {opts.format} makes one of {KINDS[opts.format]}")
+  if opts.kind == "sft" and not opts.category:
+    raise ConvertError(f"--category is required for --format {opts.format} --kind sft (the SFT category of the "
+                       "records)")
   if opts.format == "llava":
-    if opts.kind != "sft":
-      raise ConvertError(f"--kind {opts.kind!r}: --format llava makes kind 'sft' records")
-    if not opts.category:
-      raise ConvertError("--category is required for --format llava (the SFT category of the records)")
     if not os.path.isdir(opts.image_root):
       raise ConvertError(f"--image-root {opts.image_root!r} is not a folder (required for --format llava)")
     if opts.records_per_shard < 1:
       raise ConvertError(f"--records-per-shard {opts.records_per_shard}: must be at least 1")
-  elif opts.kind not in PRETRAIN_KINDS:
-    raise ConvertError(f"--kind {opts.kind!r}: --format {opts.format} makes one of {PRETRAIN_KINDS}")
+  elif opts.image_root and not os.path.isdir(opts.image_root):
+    raise ConvertError(f"--image-root {opts.image_root!r} is not a folder")
   if not 0.0 <= max_bad_fraction <= 1.0:
     raise ConvertError(f"--max-bad-fraction {max_bad_fraction}: must be in [0, 1]")
   if not name or "/" in name or name.startswith("."):
@@ -304,9 +309,11 @@ def convert(inputs: Iterable[str], data_dir: str, name: str, opts: ConvertOption
 def convert_command(args) -> ConvertSummary:
   """`mm15 data convert`; args: the argparse namespace of the subcommand."""
   kind = args.kind or ("sft" if args.format == "llava" else "")
+  image_column, text_column = DEFAULT_COLUMNS.get(kind, ("image", "text"))
   opts = ConvertOptions(format=args.format, kind=kind, source=args.source or args.name, category=args.category,
-                        text_field=args.text_field, image_column=args.image_column, text_column=args.text_column,
-                        image_root=args.image_root, records_per_shard=args.records_per_shard)
+                        text_field=args.text_field, image_column=args.image_column or image_column,
+                        text_column=args.text_column or text_column, image_root=args.image_root,
+                        records_per_shard=args.records_per_shard)
   try:
     return convert(args.input, args.out, args.name, opts, split=args.split, workers=args.workers,
                    max_bad_fraction=args.max_bad_fraction)

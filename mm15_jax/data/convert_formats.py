@@ -3,7 +3,17 @@
   webdataset: tar shards, members grouped by key (`dir/KEY.EXT`, EXT = everything after the first dot of the
               file name); a sample has an image member (.jpg/.jpeg/.png/.webp/.tif/.tiff) and a .txt and/or .json
               member holding the text.
-  parquet:    Hugging Face datasets layout; the image column holds {"bytes", "path"} structs or raw bytes.
+  parquet:    Hugging Face datasets layout; an image cell holds a {"bytes", "path"} struct, raw bytes or a path
+              (relative to the image root). By kind:
+                ocr, caption   an image column and a text column ("image", "text");
+                text           a text column ("text");
+                interleaved    OBELICS: aligned lists "images" and "texts", each position either an image or a
+                               text (the other null), in document order;
+                sft            the_cauldron ("images": list, "texts": [{"user", "assistant"}]) or LLaVA-OneVision
+                               ("conversations": [{"from", "value"}], "image": one image or null), told apart by
+                               their columns.
+  jsonl:      one JSON object a line with the fields of a parquet row (kinds text and interleaved); image paths
+              relative to the image root (default: the file's folder).
   llava:      a JSON list (or JSONL) of {"id", "image": path | [paths], "conversations": [{"from", "value"}]}
               with images under an image root; becomes kind "sft".
 
@@ -26,7 +36,12 @@ from PIL import Image
 
 from mm15_jax.data import records
 
-FORMATS = ("webdataset", "parquet", "llava")
+FORMATS = ("webdataset", "parquet", "llava", "jsonl")
+# The record kinds each format can make.
+KINDS = {"webdataset": ("ocr", "caption"), "parquet": ("ocr", "caption", "text", "interleaved", "sft"),
+         "llava": ("sft",), "jsonl": ("text", "interleaved")}
+# Column (field) names by kind when none is given: (image column, text column).
+DEFAULT_COLUMNS = {"interleaved": ("images", "texts")}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff")  # preference order inside one sample
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _PARQUET_BATCH_ROWS = 256
@@ -44,13 +59,13 @@ class BadEntry(Exception):
 class ConvertOptions:
   """What a conversion makes of its inputs; the fields that shape records are part of each shard's fingerprint."""
   format: str
-  kind: str  # ocr | caption (webdataset, parquet); sft (llava)
+  kind: str  # one of KINDS[format]
   source: str
   category: str = ""
   text_field: str = ""  # webdataset: "" = the .txt member, else a dotted key into the .json member
   image_column: str = "image"
   text_column: str = "text"
-  image_root: str = ""
+  image_root: str = ""           # llava, and image paths in parquet / jsonl cells
   records_per_shard: int = 10000  # llava: entries per shard
 
   def fingerprint(self) -> dict[str, Any]:
@@ -181,27 +196,141 @@ def _parquet_image(cell: Any) -> Any:
   return cell
 
 
+def image_cell(cell: Any, image_root: str, what: str) -> bytes:
+  """An image given as a {"bytes", "path"} struct, raw bytes or a path under `image_root`, checked."""
+  if isinstance(cell, dict):
+    if cell.get("bytes"):
+      return check_image(cell["bytes"], what)
+    cell = cell.get("path")
+  if isinstance(cell, (bytes, bytearray)):
+    return check_image(cell, what)
+  if isinstance(cell, str) and cell:
+    if cell.startswith(("http://", "https://")):
+      raise BadEntry("image is a URL", f"{what} {cell[:80]!r}: download the images first (bytes or local paths)")
+    full = os.path.join(image_root, cell)
+    try:
+      with open(full, "rb") as f:
+        data = f.read()
+    except OSError as e:
+      raise BadEntry("missing image file", f"{full}: {e.strerror or e}") from None
+    return check_image(data, what)
+  raise BadEntry("missing image", f"{what} is {type(cell).__name__}, not an image")
+
+
+def _pair_record(row: dict, opts: ConvertOptions, image_root: str) -> dict:
+  del image_root
+  text = row[opts.text_column]
+  if not isinstance(text, str):
+    raise BadEntry("missing field", f"{opts.text_column!r} is {type(text).__name__}, not text")
+  return {"kind": opts.kind, "source": opts.source, "category": "", "text": _checked_text(text, repr(opts.text_column)),
+          "images": [check_image(_parquet_image(row[opts.image_column]), repr(opts.image_column))]}
+
+
+def _text_record(row: dict, opts: ConvertOptions, image_root: str) -> dict:
+  del image_root
+  text = row.get(opts.text_column)
+  if not isinstance(text, str):
+    raise BadEntry("missing field", f"{opts.text_column!r} is {type(text).__name__}, not text")
+  return {"kind": "text", "source": opts.source, "category": "", "text": _checked_text(text, repr(opts.text_column))}
+
+
+def _interleaved_record(row: dict, opts: ConvertOptions, image_root: str) -> dict:
+  """OBELICS: position i of the document is images[i] or texts[i] (the other null)."""
+  images, texts = row.get(opts.image_column), row.get(opts.text_column)
+  if not isinstance(images, list) or not isinstance(texts, list) or len(images) != len(texts):
+    raise BadEntry("malformed document", f"{opts.image_column!r} and {opts.text_column!r} must be lists of equal "
+                                         "length (OBELICS layout)")
+  segments, blobs = [], []
+  for i, (image, text) in enumerate(zip(images, texts)):
+    if image is not None and text is not None:
+      raise BadEntry("malformed document", f"position {i} holds both an image and a text")
+    if image is not None:
+      segments.append(len(blobs))
+      blobs.append(image_cell(image, image_root, f"image at position {i}"))
+    elif isinstance(text, str):
+      if text.strip():
+        segments.append(text)
+    elif text is not None:
+      raise BadEntry("missing field", f"text at position {i} is {type(text).__name__}")
+  if not any(isinstance(seg, str) for seg in segments):
+    raise BadEntry("missing field", "the document has no text")
+  return {"kind": "interleaved", "source": opts.source, "category": "", "segments": segments, "images": blobs}
+
+
+def _sft_record(row: dict, opts: ConvertOptions, image_root: str) -> dict:
+  if "conversations" in row:  # LLaVA-OneVision: one image (or none) and LLaVA turns
+    cell = row.get(opts.image_column)
+    images = [] if cell is None else [image_cell(cell, image_root, repr(opts.image_column))]
+    return {"kind": "sft", "source": opts.source, "category": opts.category,
+            "messages": llava_messages(row["conversations"], len(images)), "images": images}
+  turns = row.get("texts")  # the_cauldron: images first, then user / assistant pairs
+  if not isinstance(turns, list) or not turns:
+    raise BadEntry("missing field", "no 'texts' list of {user, assistant} turns")
+  messages = []
+  for turn in turns:
+    if not isinstance(turn, dict) or not all(isinstance(turn.get(k), str) for k in ("user", "assistant")):
+      raise BadEntry("missing field", f"malformed turn {str(turn)[:80]!r}")
+    messages += [{"role": "user", "content": turn["user"]}, {"role": "assistant", "content": turn["assistant"]}]
+  cells = row.get("images") or []
+  images = [image_cell(c, image_root, f"image {i}") for i, c in enumerate(cells)]
+  return {"kind": "sft", "source": opts.source, "category": opts.category,
+          "messages": place_images(messages, len(images)), "images": images}
+
+
+ROW_RECORDS = {"ocr": _pair_record, "caption": _pair_record, "text": _text_record,
+               "interleaved": _interleaved_record, "sft": _sft_record}
+
+
+def _columns(opts: ConvertOptions, names: list[str], path: str) -> list[str]:
+  """The columns a parquet row of `opts.kind` needs; a missing one spoils the whole file."""
+  flags = {opts.image_column: "--image-column", opts.text_column: "--text-column"}
+  if opts.kind == "sft":
+    if "conversations" in names:
+      return ["conversations"] + ([opts.image_column] if opts.image_column in names else [])
+    if "texts" in names:
+      return ["texts"] + (["images"] if "images" in names else [])
+    raise ValueError(f"{path}: neither the LLaVA-OneVision ('conversations') nor the_cauldron ('texts', 'images') "
+                     f"layout (columns: {names})")
+  wanted = [opts.text_column] if opts.kind == "text" else [opts.image_column, opts.text_column]
+  for column in wanted:
+    if column not in names:
+      raise ValueError(f"{path}: {flags[column]} {column!r} is not a column (columns: {names})")
+  return wanted
+
+
+def _image_root(shard: Shard, opts: ConvertOptions) -> str:
+  return opts.image_root or os.path.dirname(os.path.abspath(shard.path))
+
+
 def read_parquet(shard: Shard, opts: ConvertOptions) -> Iterator[tuple[str, dict | BadEntry]]:
   import pyarrow.parquet as pq  # only this format needs pyarrow
   parquet = pq.ParquetFile(shard.path)
-  names = parquet.schema_arrow.names
-  for column, flag in ((opts.image_column, "--image-column"), (opts.text_column, "--text-column")):
-    if column not in names:
-      raise ValueError(f"{shard.path}: {flag} {column!r} is not a column (columns: {names})")
-  row = 0
-  for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[opts.image_column, opts.text_column]):
-    images = batch.column(opts.image_column).to_pylist()
-    texts = batch.column(opts.text_column).to_pylist()
-    for image, text in zip(images, texts):
+  columns = _columns(opts, parquet.schema_arrow.names, shard.path)
+  make, root, row = ROW_RECORDS[opts.kind], _image_root(shard, opts), 0
+  for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+    for item in batch.to_pylist():
       key = f"row {row}"
       row += 1
       try:
-        if not isinstance(text, str):
-          raise BadEntry("missing field", f"{opts.text_column!r} is {type(text).__name__}, not text")
-        record = {"kind": opts.kind, "source": opts.source, "category": "",
-                  "text": _checked_text(text, repr(opts.text_column)),
-                  "images": [check_image(_parquet_image(image), repr(opts.image_column))]}
-        yield key, record
+        yield key, make(item, opts, root)
+      except BadEntry as e:
+        yield key, e
+
+
+def read_jsonl(shard: Shard, opts: ConvertOptions) -> Iterator[tuple[str, dict | BadEntry]]:
+  make, root = ROW_RECORDS[opts.kind], _image_root(shard, opts)
+  with open(shard.path, encoding="utf-8") as f:
+    for line_number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      key = f"line {line_number}"
+      try:
+        item = json.loads(line)
+        if not isinstance(item, dict):
+          raise BadEntry("missing field", f"line is a {type(item).__name__}, not an object")
+        yield key, make(item, opts, root)
+      except json.JSONDecodeError as e:
+        yield key, BadEntry("missing field", f"not JSON ({e})")
       except BadEntry as e:
         yield key, e
 
@@ -233,6 +362,32 @@ def load_llava_entries(path: str) -> list:
   return entries
 
 
+def llava_messages(turns: Any, n_images: int) -> list[dict]:
+  """LLaVA turns [{"from", "value"}] -> messages, the images' markers placed (place_images)."""
+  if not isinstance(turns, list) or not turns:
+    raise BadEntry("missing field", "no 'conversations' list")
+  messages = []
+  for turn in turns:
+    if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES or not isinstance(turn.get("value"), str):
+      raise BadEntry("missing field", f"malformed turn {str(turn)[:80]!r}")
+    messages.append({"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]})
+  return place_images(messages, n_images)
+
+
+def place_images(messages: list[dict], n_images: int) -> list[dict]:
+  """Messages without image markers get them before the first question (LLaVA's convention); otherwise the
+  markers must match the images."""
+  markers = sum(m["content"].count(records.IMAGE_MARKER) for m in messages)
+  if markers == 0 and n_images:
+    first_user = next((m for m in messages if m["role"] == "user"), None)
+    if first_user is None:
+      raise BadEntry("image markers", f"{n_images} images but no user turn to place them in")
+    first_user["content"] = (records.IMAGE_MARKER + "\n") * n_images + first_user["content"]
+  elif markers != n_images:
+    raise BadEntry("image markers", f"{markers} {records.IMAGE_MARKER} markers but {n_images} images")
+  return messages
+
+
 def llava_record(entry: Any, opts: ConvertOptions) -> dict:
   if isinstance(entry, BadEntry):
     raise entry
@@ -242,22 +397,7 @@ def llava_record(entry: Any, opts: ConvertOptions) -> dict:
   paths = [paths] if isinstance(paths, str) else paths
   if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
     raise BadEntry("missing field", f"'image' is {entry.get('image')!r}, not a path or a list of paths")
-  turns = entry.get("conversations")
-  if not isinstance(turns, list) or not turns:
-    raise BadEntry("missing field", "no 'conversations' list")
-  messages = []
-  for turn in turns:
-    if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES or not isinstance(turn.get("value"), str):
-      raise BadEntry("missing field", f"malformed turn {str(turn)[:80]!r}")
-    messages.append({"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]})
-  markers = sum(m["content"].count(records.IMAGE_MARKER) for m in messages)
-  if markers == 0 and paths:  # LLaVA convention: the images precede the first question
-    first_user = next((m for m in messages if m["role"] == "user"), None)
-    if first_user is None:
-      raise BadEntry("image markers", f"{len(paths)} images but no user turn to place them in")
-    first_user["content"] = (records.IMAGE_MARKER + "\n") * len(paths) + first_user["content"]
-  elif markers != len(paths):
-    raise BadEntry("image markers", f"{markers} {records.IMAGE_MARKER} markers but {len(paths)} images")
+  messages = llava_messages(entry.get("conversations"), len(paths))
   images = []
   for rel in paths:
     full = os.path.join(opts.image_root, rel)
@@ -279,4 +419,4 @@ def read_llava(shard: Shard, opts: ConvertOptions) -> Iterator[tuple[str, dict |
       yield key, e
 
 
-READERS = {"webdataset": read_webdataset, "parquet": read_parquet, "llava": read_llava}
+READERS = {"webdataset": read_webdataset, "parquet": read_parquet, "llava": read_llava, "jsonl": read_jsonl}

@@ -89,11 +89,12 @@ class SplitImage(NamedTuple):
   rest PAD_RGB. Blocks, not the whole picture, are resized, so that each tile is resized straight into its batch slot
   (`write_tiles`), or its source pixels are copied there for the model to enlarge (`write_sources`)."""
   grid: tuple[int, int] | None       # (n_h, n_w); None: not split (one tile = the whole image)
-  overview: bool                     # whether the last tile is the overview
+  overview: bool                     # whether the last (overview_first: the first) tile is the overview
   tile_size: int                     # S
   pixels: np.ndarray                 # uint8 [h, w, 3]: the decoded image
   block: int                         # source pixels per side of a grid tile (the longer side when not split)
   resample: str                      # SplitConfig.resample
+  overview_first: bool = False       # the overview is the first tile instead of the last
 
   @property
   def n_tiles(self) -> int:
@@ -104,11 +105,13 @@ class SplitImage(NamedTuple):
     (n_h, n_w), k = self.grid or (1, 1), self.block
     squares = [(self.pixels[i * k:(i + 1) * k, j * k:(j + 1) * k], k) for i in range(n_h) for j in range(n_w)]
     if self.overview:
-      squares.append((self.pixels, max(self.pixels.shape[:2])))
+      whole = (self.pixels, max(self.pixels.shape[:2]))
+      squares = [whole] + squares if self.overview_first else squares + [whole]
     return [(block, placed_size(*block.shape[:2], side, self.tile_size)) for block, side in squares]
 
   def write_tiles(self, out: np.ndarray) -> None:
-    """out uint8 [n_tiles, S, S, 3], each tile C-contiguous = row-major grid tiles, then the overview if any."""
+    """out uint8 [n_tiles, S, S, 3], each tile C-contiguous = row-major grid tiles, then the overview if any (before
+    them with overview_first)."""
     for slot, (block, (h, w)) in zip(out, self.blocks()):
       if (h, w) == slot.shape[:2]:
         resize(block, h, w, self.resample, out=slot)
@@ -252,12 +255,17 @@ def _pad_into(out: np.ndarray, part: np.ndarray) -> None:
   rows[h:] = pad_row
 
 
+TILE_MARKERS = ("index", "separator")
+
+
 def check_split_config(cfg: SplitConfig) -> None:
   """A ValueError naming the data.split key that holds a value splitting does not know."""
   if cfg.mode not in ("none", "static", "dynamic"):
     raise ValueError(f"data.split.mode must be 'none', 'static' or 'dynamic', got {cfg.mode!r}")
   if cfg.resample not in RESAMPLE_MODES:
     raise ValueError(f"data.split.resample must be one of {RESAMPLE_MODES}, got {cfg.resample!r}")
+  if cfg.tile_markers not in TILE_MARKERS:
+    raise ValueError(f"data.split.tile_markers must be one of {TILE_MARKERS}, got {cfg.tile_markers!r}")
   if cfg.mode == "dynamic":
     candidate_grids(cfg.n_min, cfg.n_max)  # raises on an empty range
 
@@ -275,7 +283,7 @@ def split_image(image: np.ndarray, cfg: SplitConfig, *, tile_size: int | None = 
   else:
     grid = choose_grid(h, w, tile, cfg.n_min, cfg.n_max if n_max is None else n_max)
   block = max(-(-h // grid[0]), -(-w // grid[1]))  # the smallest square whose grid covers the image
-  return SplitImage(grid, cfg.overview, tile, image, block, cfg.resample)
+  return SplitImage(grid, cfg.overview, tile, image, block, cfg.resample, cfg.overview_first)
 
 
 def split_images(images: Sequence[np.ndarray], cfg: SplitConfig, *, tile_size: int | None = None,

@@ -46,20 +46,32 @@ def category_group(category: str) -> str:
   raise ValueError(f"unknown SFT category {category!r}; expected one of {(*SFT_ALPHA, 'multi_image', 'text_only')}")
 
 
+def mixture_categories(name: str) -> tuple[str, ...]:
+  """A named mixture's categories, or those of a "+"-joined list ("general+math": general plus one category)."""
+  if name in SFT_MIXTURES:
+    return SFT_MIXTURES[name]
+  categories = tuple(c.strip() for c in name.split("+"))
+  known = (*SFT_ALPHA, "multi_image", "text_only")
+  unknown = [c for c in categories if c not in known]
+  if unknown or not name:
+    raise ValueError(f"unknown SFT mixture {name!r}: not one of {sorted(SFT_MIXTURES)} nor categories joined by "
+                     f"'+' (unknown {unknown}; categories: {list(known)})")
+  return categories
+
+
 def sft_mixture(name: str = "all", source_categories: Mapping[str, str] | None = None,
-                alpha: Mapping[str, float] | None = None,
-                group_weights: Mapping[str, float] | None = None) -> dict[str, float]:
-  """Named stage-3 mixture -> {source: weight} (weights sum to 1).
+                alpha: Mapping[str, float] | None = None, group_weights: Mapping[str, float] | None = None,
+                sizes: Mapping[str, int] | None = None) -> dict[str, float]:
+  """Named stage-3 mixture (or "+"-joined categories) -> {source: weight} (weights sum to 1).
 
   `source_categories` maps source names to categories (default: the synthetic corpus). Sources whose category is
-  not in the named mixture are left out; several sources of one category share its weight equally.
+  not in the mixture are left out; several sources of one category share its weight in proportion to `sizes`
+  (their sample counts), or equally without sizes. `alpha` / `group_weights` replace the paper's values.
   """
-  if name not in SFT_MIXTURES:
-    raise ValueError(f"unknown SFT mixture {name!r}; expected one of {sorted(SFT_MIXTURES)}")
+  wanted = mixture_categories(name)
   source_categories = dict(SFT_SOURCE_CATEGORIES if source_categories is None else source_categories)
   alpha = dict(SFT_ALPHA if alpha is None else alpha)
   group_weights = dict(SFT_GROUPS if group_weights is None else group_weights)
-  wanted = SFT_MIXTURES[name]
   by_category: dict[str, list[str]] = {}
   for source, category in sorted(source_categories.items()):
     category_group(category)  # validates
@@ -77,9 +89,58 @@ def sft_mixture(name: str = "all", source_categories: Mapping[str, str] | None =
     share = group_weights[group] / group_total
     if group == "single_image":
       share *= alpha[category] / alpha_total
-    for source in sources:
-      weights[source] = share / len(sources)
+    if sizes is None:
+      for source in sources:
+        weights[source] = share / len(sources)
+    else:
+      total = sum(sizes[source] for source in sources)
+      if total <= 0:
+        raise ValueError(f"SFT mixture {name!r}: the datasets of category {category!r} {sources} are empty")
+      for source in sources:
+        weights[source] = share * sizes[source] / total
   return _normalise(weights)
+
+
+def discover_sft_sources(data_dir: str) -> dict[str, str]:
+  """Datasets of `data_dir` with a "train" split whose first record is an sft record naming an SFT category."""
+  from mm15_jax.data import records  # only resolution at start reads the data dir
+  known = (*SFT_ALPHA, "multi_image", "text_only")
+  found = {}
+  for name in records.list_sources(data_dir):
+    try:
+      source = records.open_source(data_dir, name, "train")
+    except (FileNotFoundError, ValueError):
+      continue
+    first = source[0] if len(source) else {}
+    if first.get("kind") == "sft" and first.get("category") in known:
+      found[name] = first["category"]
+  return found
+
+
+def resolve_sft(data_cfg, log=print):
+  """`data_cfg` with data.mixture set from data.sft when data.sft.name is set (else unchanged)."""
+  import dataclasses
+  from mm15_jax.data import records
+  sft = data_cfg.sft
+  if not sft.name:
+    return data_cfg
+  if sft.within not in ("size", "equal"):
+    raise ValueError(f"config key data.sft.within must be 'size' or 'equal', got {sft.within!r}")
+  for key, given, known in (("alpha", sft.alpha, SFT_ALPHA), ("group_weights", sft.group_weights, SFT_GROUPS)):
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+      raise ValueError(f"config key data.sft.{key}: unknown {unknown}; known: {sorted(known)}")
+  sources = dict(sft.sources) or discover_sft_sources(data_cfg.data_dir)
+  sizes = ({n: len(records.open_source(data_cfg.data_dir, n, "train")) for n in sources}
+           if sft.within == "size" else None)
+  try:
+    weights = sft_mixture(sft.name, sources, {**SFT_ALPHA, **sft.alpha}, {**SFT_GROUPS, **sft.group_weights},
+                          sizes=sizes)
+  except ValueError as e:
+    raise ValueError(f"config key data.sft: {e} (datasets found: {sources})") from None
+  log(f"SFT mixture {sft.name!r} over {len(weights)} datasets of {data_cfg.data_dir} (within a category: "
+      f"{sft.within})")
+  return dataclasses.replace(data_cfg, mixture=weights)
 
 
 def _normalise(weights: Mapping[str, float]) -> dict[str, float]:

@@ -3,6 +3,8 @@
 Layout: BOS, content, EOS. Each image becomes a block
   <img_start> <img_k> [<row_i> <col_j> <image>*T]... [<overview> <image>*T] <img_end>   (split image)
   <img_start> <img_k> <image>*T <img_end>                                                (unsplit image)
+(ablations, data.split: overview_first puts the overview part before the tiles; tile_markers="separator" drops
+<row_i> <col_j> and puts "," between the tiles of a row and "\n" between rows.)
 with T = tokens_per_tile, tiles in placeholder order. `loss_mask[t]` says whether ids[t] is trained as a target
 (predicted from ids[:t]); the pipeline shifts it together with the ids. EOS is always trained, BOS, image blocks
 and prompts never. Trained per kind: caption -> the caption (image first); interleaved -> all text; text -> all;
@@ -84,19 +86,23 @@ def check_coordinates(text: str, where: str) -> None:
       raise ValueError(f"{where}: coordinates {match.group(0)} outside the 0..1000 grid")
 
 
-def image_block(tokenizer: Tokenizer, k: int, split: images_lib.SplitImage, tokens_per_tile: int) -> list[int]:
-  """Token ids of image k (1-based) of a sample."""
+def image_block(tokenizer: Tokenizer, k: int, split: images_lib.SplitImage, tokens_per_tile: int,
+                markers: str = "index") -> list[int]:
+  """Token ids of image k (1-based) of a sample; `markers`: SplitConfig.tile_markers."""
   tile = [tokenizer.image_id] * tokens_per_tile
   ids = [tokenizer.img_start_id, tokenizer.img_id(k)]
   if split.grid is None:
-    ids += tile
-  else:
-    n_h, n_w = split.grid
-    for i in range(n_h):
-      for j in range(n_w):
-        ids += [tokenizer.row_id(i + 1), tokenizer.col_id(j + 1)] + tile
-    if split.overview:
-      ids += [tokenizer.overview_id] + tile
+    return ids + tile + [tokenizer.img_end_id]
+  n_h, n_w = split.grid
+  grid = []
+  for i in range(n_h):
+    for j in range(n_w):
+      if markers == "index":
+        grid += [tokenizer.row_id(i + 1), tokenizer.col_id(j + 1)] + tile
+      else:
+        grid += tile + (tokenizer.encode(",") if j < n_w - 1 else tokenizer.encode("\n") if i < n_h - 1 else [])
+  overview = [tokenizer.overview_id] + tile if split.overview else []
+  ids += overview + grid if split.overview_first else grid + overview
   return ids + [tokenizer.img_end_id]
 
 
@@ -137,7 +143,7 @@ class _Builder:
                                    allow_split=self.allow_split)
     self.n_used += 1
     self.images.append(split)
-    return image_block(self.tok, self.n_used, split, self.spec.tokens_per_tile)
+    return image_block(self.tok, self.n_used, split, self.spec.tokens_per_tile, self.spec.split.tile_markers)
 
   def content(self, text: str) -> list[int]:
     """Text with "<image>" marks -> ids (images taken in order)."""

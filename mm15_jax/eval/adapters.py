@@ -1,4 +1,4 @@
-"""Public benchmark files -> held-out sft records (benchmarks.make_example), and their import as records datasets.
+"""Public benchmark files -> held-out sft records (suites.make_example), and their import as records datasets.
 
   format   annotation file(s) (--input)                         images (--images, default: the file's folder)
   textvqa  TextVQA_0.5.1_val.json: data[] {image_id, question,   train_images/<image_id>.jpg
@@ -9,9 +9,23 @@
            {imgname, query, label}             metric relaxed
   refcoco  refs(unc).p (pickle; --instances: instances.json     <file_name of the image in instances.json>
            beside it by default)               metric iou       (COCO train2014)
-  jsonl    benchmarks.py's JSONL format        --metric, --category
+  jsonl    suites.py's JSONL format            --metric, --category
+  mme      the MME release folder: one folder per subtask,      beside the .txt (or under images/)
+           <image>.txt (or questions_answers_YN/<image>.txt)
+           of "question<TAB>Yes|No" lines     metric mme (acc, acc+ per subtask; summaries.py)
+  pope     coco_pope_<split>.json: JSON lines {question_id,     <image> (COCO val2014)
+           image, text, label}; split from "category" or the file name   metric pope (F1 per split)
+  multi_mc multiple choice over several images (MuirBench,      images in the row ({"bytes"} structs, bytes) or
+           BLINK): parquet or JSONL rows {question, options |   paths relative to --images
+           choices, answer, image_list | images | image_1..n,
+           task | sub_task}                    metric mc, category Multi-image
 A RefCOCO ref gives one example per sentence: "Where is <sentence>? Answer with a box.", answered by the ref's
 annotation box [x, y, w, h] (pixels) as "[x1, y1, x2, y2]" on the 0..1000 grid of the whole image.
+
+Each format appends its default instruction to every question (`default_instruction`: a single word or phrase for
+open answers, as the usual zero-shot protocol asks; none where the question or the options already say how to
+answer); `instruction` overrides it ("" for none). With `shots` k > 0 every query is preceded by k examples drawn
+from `support` files of the same format (VL-ICL's few-shot protocol), each a user turn and its answer.
 
 `import_benchmark` writes the examples as split "test" of dataset DATA_DIR/<name> (records.write_source).
 """
@@ -21,13 +35,27 @@ import itertools
 import json
 import os
 import pickle
+import random
 from typing import Callable, Iterable, Iterator, Sequence
 
 from mm15_jax.data import records
-from mm15_jax.eval import benchmarks as bench
+from mm15_jax.eval import suites
 
 REFER_PROMPT = "Where is {}? Answer with a box."
 GRID = 1000
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+# The instruction appended to each question by default; "" where the question or its options already say how to
+# answer (MME's questions end in "Please answer yes or no.", multiple choice gets suites.MC_INSTRUCTION).
+DEFAULT_INSTRUCTIONS = {"textvqa": SHORT_ANSWER, "docvqa": SHORT_ANSWER, "chartqa": SHORT_ANSWER, "refcoco": "",
+                        "mme": "", "pope": SHORT_ANSWER, "multi_mc": ""}
+YES_NO = ("yes", "no")
+
+
+def default_instruction(fmt: str, metric: str = "") -> str:
+  """The instruction a format appends by default (jsonl: the short-answer one unless the metric is mc/iou/mme)."""
+  if fmt == "jsonl":
+    return "" if metric in ("mc", "iou", "mme") else SHORT_ANSWER
+  return DEFAULT_INSTRUCTIONS[fmt]
 
 
 def _load_json(path: str):
@@ -61,7 +89,7 @@ def _find_image(images_dir: str, candidates: Sequence[str], where: str) -> bytes
   for relative in candidates:
     path = os.path.join(images_dir, relative)
     if os.path.isfile(path):
-      return bench.read_image(path, where)
+      return suites.read_image(path, where)
   raise FileNotFoundError(f"{where}: image {os.path.join(images_dir, candidates[0])} not found")
 
 
@@ -70,10 +98,10 @@ def textvqa_examples(path: str, images_dir: str, *, name: str = "TextVQA", instr
     where = f"{path} data[{i}]"
     image_id = _field(item, "image_id", str, where)
     image = _find_image(images_dir, [f"train_images/{image_id}.jpg", f"{image_id}.jpg"], where)
-    yield bench.make_example(source=name, category="Text-rich", metric="vqa",
-                             question=_field(item, "question", str, where),
-                             answers=_field(item, "answers", list, where), images=[image], instruction=instruction,
-                             where=where, example_id=item.get("question_id", i))
+    yield suites.make_example(source=name, category="Text-rich", metric="vqa",
+                              question=_field(item, "question", str, where),
+                              answers=_field(item, "answers", list, where), images=[image], instruction=instruction,
+                              where=where, example_id=item.get("question_id", i))
 
 
 def docvqa_examples(path: str, images_dir: str, *, name: str = "DocVQA", instruction: str = "") -> Iterator[dict]:
@@ -83,10 +111,10 @@ def docvqa_examples(path: str, images_dir: str, *, name: str = "DocVQA", instruc
       raise ValueError(f"{where}: no answers (the DocVQA test split is scored by the official server only)")
     relative = _field(item, "image", str, where)
     image = _find_image(images_dir, [relative, os.path.basename(relative)], where)
-    yield bench.make_example(source=name, category="Text-rich", metric="anls",
-                             question=_field(item, "question", str, where),
-                             answers=_field(item, "answers", list, where), images=[image], instruction=instruction,
-                             where=where, example_id=item.get("questionId", i))
+    yield suites.make_example(source=name, category="Text-rich", metric="anls",
+                              question=_field(item, "question", str, where),
+                              answers=_field(item, "answers", list, where), images=[image], instruction=instruction,
+                              where=where, example_id=item.get("questionId", i))
 
 
 def chartqa_examples(path: str, images_dir: str, *, name: str = "ChartQA", instruction: str = "") -> Iterator[dict]:
@@ -98,9 +126,9 @@ def chartqa_examples(path: str, images_dir: str, *, name: str = "ChartQA", instr
     imgname = _field(item, "imgname", str, where)
     label = _field(item, "label", (str, int, float), where)
     image = _find_image(images_dir, [f"png/{imgname}", imgname], where)
-    yield bench.make_example(source=name, category="Text-rich", metric="relaxed",
-                             question=_field(item, "query", str, where), answers=[str(label)], images=[image],
-                             instruction=instruction, where=where, example_id=f"{os.path.basename(path)}:{i}")
+    yield suites.make_example(source=name, category="Text-rich", metric="relaxed",
+                              question=_field(item, "query", str, where), answers=[str(label)], images=[image],
+                              instruction=instruction, where=where, example_id=f"{os.path.basename(path)}:{i}")
 
 
 def box_to_grid(bbox_xywh: Sequence[float], width: int, height: int) -> list[int]:
@@ -157,36 +185,185 @@ def refcoco_examples(path: str, images_dir: str, *, instances: str = "", split: 
       text = sentence.get("sent") or sentence.get("raw") if isinstance(sentence, dict) else None
       if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{where}: sentence {k} has no text")
-      yield bench.make_example(source=name, category="Refer&Ground", metric="iou",
-                               question=REFER_PROMPT.format(text.strip()), answers=[answer], images=[image],
-                               instruction=instruction, where=f"{where} sentence {k}",
-                               example_id=sentence.get("sent_id", f"{ref.get('ref_id')}:{k}"))
+      yield suites.make_example(source=name, category="Refer&Ground", metric="iou",
+                                question=REFER_PROMPT.format(text.strip()), answers=[answer], images=[image],
+                                instruction=instruction, where=f"{where} sentence {k}",
+                                example_id=sentence.get("sent_id", f"{ref.get('ref_id')}:{k}"))
 
 
 def jsonl_examples(path: str, images_dir: str, *, name: str, category: str, metric: str,
                    instruction: str = "") -> Iterator[dict]:
   del images_dir  # JSONL image paths are relative to the file
-  yield from bench.read_jsonl(path, source=name, category=category, metric=metric, instruction=instruction)
+  yield from suites.read_jsonl(path, source=name, category=category, metric=metric, instruction=instruction)
+
+
+def _read_lines(path: str) -> list[str]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read().splitlines()
+  except OSError as e:
+    raise FileNotFoundError(f"{path} cannot be read ({e.strerror})") from e
+
+
+def mme_examples(path: str, images_dir: str, *, name: str = "MME", instruction: str = "") -> Iterator[dict]:
+  """Two questions per image ("Yes" and "No"); records carry subset (the subtask) and group (the image)."""
+  del images_dir  # the release folder holds the images
+  if not os.path.isdir(path):
+    raise ValueError(f"{path}: give the MME release folder (one folder per subtask) as --input")
+  subtasks = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+  found = 0
+  for subtask in subtasks:
+    folder = os.path.join(path, subtask)
+    qa_dir = os.path.join(folder, "questions_answers_YN")
+    qa_dir = qa_dir if os.path.isdir(qa_dir) else folder
+    image_dir = os.path.join(folder, "images")
+    image_dir = image_dir if os.path.isdir(image_dir) else folder
+    for txt in sorted(f for f in os.listdir(qa_dir) if f.endswith(".txt")):
+      stem, file = txt[:-len(".txt")], os.path.join(qa_dir, txt)
+      image = _find_image(image_dir, [stem + ext for ext in (".jpg", ".png", ".jpeg")], file)
+      for k, line in enumerate(_read_lines(file), 1):
+        if not line.strip():
+          continue
+        parts = line.split("\t")
+        if len(parts) != 2 or parts[1].strip().lower() not in YES_NO:
+          raise ValueError(f"{file}:{k}: expected 'question<TAB>Yes' or 'question<TAB>No', got {line[:80]!r}")
+        found += 1
+        yield suites.make_example(source=name, category="General", metric="mme", question=parts[0],
+                                  answers=[parts[1].strip()], images=[image], instruction=instruction,
+                                  where=f"{file}:{k}", example_id=f"{subtask}/{stem}:{k}", subset=subtask,
+                                  group=f"{subtask}/{stem}")
+  if not found:
+    raise ValueError(f"{path}: no subtask folder with question files (<image>.txt of 'question<TAB>Yes|No' lines)")
+
+
+def pope_examples(path: str, images_dir: str, *, name: str = "POPE", instruction: str = "") -> Iterator[dict]:
+  """POPE's question files (one per split); records carry subset = the split."""
+  stem = os.path.splitext(os.path.basename(path))[0]
+  file_split = stem.rsplit("_", 1)[-1]
+  for k, line in enumerate(_read_lines(path), 1):
+    if not line.strip():
+      continue
+    where = f"{path}:{k}"
+    try:
+      item = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where}: not JSON ({e.msg}); POPE files hold one JSON object a line") from None
+    question = item.get("text", item.get("question")) if isinstance(item, dict) else None
+    label = item.get("label", item.get("answer")) if isinstance(item, dict) else None
+    if not isinstance(label, str) or label.strip().lower() not in YES_NO:
+      raise ValueError(f"{where}: label must be 'yes' or 'no', got {label!r}")
+    image = _find_image(images_dir, [_field(item, "image", str, where)], where)
+    yield suites.make_example(source=name, category="General", metric="pope", question=question,
+                              answers=[label.strip().lower()], images=[image], instruction=instruction, where=where,
+                              example_id=item.get("question_id", k), subset=str(item.get("category", file_split)))
+
+
+def _rows(path: str) -> Iterator[tuple[str, dict]]:
+  """(where, row) of a parquet file (Hugging Face layout) or a JSONL file."""
+  if path.endswith(".parquet"):
+    import pyarrow.parquet as pq  # only parquet inputs need pyarrow
+    try:
+      table = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    row = 0
+    for batch in table.iter_batches(batch_size=64):
+      for item in batch.to_pylist():
+        yield f"{path} row {row}", item
+        row += 1
+    return
+  for k, line in enumerate(_read_lines(path), 1):
+    if line.strip():
+      try:
+        item = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{k}: not JSON ({e.msg})") from None
+      if not isinstance(item, dict):
+        raise ValueError(f"{path}:{k}: expected an object, got {type(item).__name__}")
+      yield f"{path}:{k}", item
+
+
+def _row_image(cell, images_dir: str, where: str) -> bytes:
+  if isinstance(cell, dict):  # Hugging Face Image feature
+    if cell.get("bytes"):
+      return bytes(cell["bytes"])
+    cell = cell.get("path")
+  if isinstance(cell, (bytes, bytearray)) and cell:
+    return bytes(cell)
+  if isinstance(cell, str) and cell:
+    return suites.read_image(os.path.join(images_dir, cell), where)
+  raise ValueError(f"{where}: an image cell holds neither bytes nor a path ({type(cell).__name__})")
+
+
+def multi_mc_examples(path: str, images_dir: str, *, name: str = "MuirBench", instruction: str = "",
+                      category: str = "Multi-image") -> Iterator[dict]:
+  """Multiple choice over several images; records carry subset = the row's task (MuirBench) or sub_task (BLINK)."""
+  for where, row in _rows(path):
+    if "image_list" in row or "images" in row:
+      cells = row.get("image_list", row.get("images"))
+    else:
+      numbered = sorted((k for k in row if k.startswith("image_") and k[len("image_"):].isdigit()),
+                        key=lambda k: int(k[len("image_"):]))
+      cells = [row[k] for k in numbered if row[k] is not None]
+    if not isinstance(cells, list) or not cells:
+      raise ValueError(f"{where}: no images (expected 'image_list', 'images' or 'image_1'..'image_n')")
+    choices = row.get("options", row.get("choices"))
+    answer = row.get("answer")
+    if not isinstance(answer, str):
+      raise ValueError(f"{where}: field 'answer' is {type(answer).__name__}, not a letter or a choice")
+    answer = answer.strip()
+    if len(answer) == 3 and answer[0] == "(" and answer[2] == ")":  # BLINK writes "(A)"
+      answer = answer[1]
+    subset = row.get("task", row.get("sub_task"))
+    extra = {"subset": str(subset)} if subset is not None else {}
+    yield suites.make_example(source=name, category=category, metric="mc", question=row.get("question"),
+                              answers=[answer], images=[_row_image(c, images_dir, where) for c in cells],
+                              choices=choices, instruction=instruction, where=where,
+                              example_id=row.get("idx", row.get("id", where)), **extra)
 
 
 FORMATS: dict[str, Callable[..., Iterator[dict]]] = {
     "textvqa": textvqa_examples, "docvqa": docvqa_examples, "chartqa": chartqa_examples,
-    "refcoco": refcoco_examples, "jsonl": jsonl_examples,
+    "refcoco": refcoco_examples, "jsonl": jsonl_examples, "mme": mme_examples, "pope": pope_examples,
+    "multi_mc": multi_mc_examples,
 }
 
 
 def examples(fmt: str, inputs: Sequence[str], *, images_dir: str = "", name: str, max_examples: int = 0,
+             instruction: str | None = None, shots: int = 0, support: Sequence[str] = (), seed: int = 0,
              **options) -> Iterator[dict]:
-  """Examples of every input file of format `fmt`, in order; at most `max_examples` (0: all)."""
+  """Examples of every input file of format `fmt`, in order; at most `max_examples` (0: all).
+
+  `instruction` None: the format's default. `shots` > 0: each query follows `shots` examples of the `support`
+  files, drawn without replacement by a generator seeded with (seed, query index).
+  """
   if fmt not in FORMATS:
     raise ValueError(f"unknown benchmark format {fmt!r}; known: {sorted(FORMATS)}")
   if not inputs:
     raise ValueError(f"format {fmt}: no input file given")
+  if instruction is None:
+    instruction = default_instruction(fmt, options.get("metric", ""))
+
+  def read(path: str) -> Iterator[dict]:
+    root = images_dir or os.path.dirname(os.path.abspath(path))
+    return FORMATS[fmt](path, root, name=name, instruction=instruction, **options)
+
+  pool = []
+  if shots < 0:
+    raise ValueError(f"shots must be >= 0, got {shots}")
+  if shots:
+    if not support:
+      raise ValueError(f"{shots} shots need support examples (--support FILE, in the format of the inputs)")
+    pool = [example for path in support for example in read(path)]
+    if len(pool) < shots:
+      raise ValueError(f"{shots} shots, but the support files {list(support)} hold {len(pool)} examples")
   count = 0
   for path in inputs:
-    for example in FORMATS[fmt](path, images_dir or os.path.dirname(os.path.abspath(path)), name=name, **options):
+    for example in read(path):
       if max_examples and count >= max_examples:
         return
+      if shots:
+        example = suites.with_support(example, random.Random(f"{seed}:{count}").sample(pool, shots))
       count += 1
       yield example
 
@@ -194,7 +371,7 @@ def examples(fmt: str, inputs: Sequence[str], *, images_dir: str = "", name: str
 def import_benchmark(fmt: str, inputs: Sequence[str], *, out_dir: str, name: str, images_dir: str = "",
                      max_examples: int = 0, overwrite: bool = False, **options) -> int:
   """Writes the examples as split "test" of dataset `out_dir/name`; returns how many were written."""
-  bench.check_name(name)
+  suites.check_name(name)
   if not overwrite and name in (records.list_sources(out_dir) if os.path.isdir(out_dir) else []):
     raise FileExistsError(f"dataset {name!r} already exists under {out_dir} (pass overwrite to replace it)")
   stream = examples(fmt, inputs, images_dir=images_dir, name=name, max_examples=max_examples, **options)

@@ -1,7 +1,8 @@
 """Per-sample benchmark metrics, each following its benchmark's official definition. Pure Python.
 
 Every metric maps (prediction text, reference answers) to a score in [0, 1]; `score` dispatches on the metric
-name stored in held-out records ("exact" | "vqa" | "anls" | "relaxed" | "iou" | "mc").
+name stored in held-out records ("exact" | "vqa" | "anls" | "relaxed" | "iou" | "mc" | "mme" | "pope"). Scores
+over a whole benchmark (MME's acc+, POPE's F1) are in summaries.py.
 """
 from __future__ import annotations
 
@@ -117,42 +118,48 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
-  """Average Normalised Levenshtein Similarity of one question: max over references of 1 - NL, 0 when NL >= 0.5.
+  """Average Normalised Levenshtein Similarity of one question, as the official DocVQA / InfographicVQA scoring
+  script (infographicsvqa_eval.py of the Robust Reading Competition, docvqa.org) computes it.
 
-  NL = edit distance / length of the longer string, on lower-cased, stripped strings. The cut follows the ANLS
-  definition (Biten et al., 2019): NL exactly at the threshold scores 0.
+  Both strings are lower-cased, stripped and their runs of whitespace collapsed to one space before the edit
+  distance; NL = distance / the longer of the two strings as given (the script measures the strings before
+  collapsing). The question scores 1 - min NL over the references, and 0 when that is below `threshold`: an NL of
+  exactly 0.5 keeps its 0.5 (the script's `< threshold` cut; Biten et al., 2019 write NL >= 0.5 -> 0).
   """
   if not answers:
     raise ValueError("anls needs at least one reference answer")
-  pred = prediction.strip().lower()
-  best = 0.0
+  pred = collapse_whitespace(prediction.lower())
+  distances = []
   for answer in answers:
-    ref = answer.strip().lower()
-    longest = max(len(pred), len(ref))
-    nl = levenshtein(pred, ref) / longest if longest else 0.0
-    best = max(best, 1.0 - nl if nl < threshold else 0.0)
-  return best
+    longest = max(len(answer.upper()), len(prediction.upper()))  # the script's lengths, "ß".upper() included
+    distances.append(levenshtein(collapse_whitespace(answer.lower()), pred) / longest if longest else 0.0)
+  best = 1.0 - min(distances)
+  return 0.0 if best < threshold else best
+
+
+def collapse_whitespace(text: str) -> str:
+  return " ".join(text.split())
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # ChartQA relaxed accuracy (the pix2struct / ChartQA definition).
 
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-
-
 def parse_number(text: str) -> float | None:
-  """A plain number, "12", "-3.5", "1e3"; a trailing "%" divides by 100 ("45%" -> 0.45). Else None."""
-  text = text.strip()
-  scale = 1.0
-  if text.endswith("%"):
-    text, scale = text[:-1].strip(), 0.01
-  return float(text) * scale if _NUMBER.fullmatch(text) else None
+  """A number as Pix2Struct's `_to_float` reads it (pix2struct/metrics.py): Python's float() of the text, where a
+  trailing "%" is stripped and the value divided by 100 ("45%" -> 45 / 100). Unparsable text -> None."""
+  try:
+    if text.endswith("%"):
+      return float(text.rstrip("%")) / 100.0
+    return float(text)
+  except ValueError:
+    return None
 
 
 def relaxed_accuracy(prediction: str, answers: Sequence[str], max_relative_change: float = 0.05) -> float:
   """1 when some reference matches: numbers within 5% relative error (inclusive), otherwise case-insensitive equal.
 
-  As in the official definition a reference of 0 has no relative error, so it needs an exact string match.
+  Pix2Struct's `relaxed_correctness` (pix2struct/metrics.py, the ChartQA metric of Masry et al., 2022): a reference
+  of 0 (or one that is no number) needs an exact string match. Prediction and references are stripped first.
   """
   if not answers:
     raise ValueError("relaxed_accuracy needs at least one reference answer")
@@ -224,6 +231,44 @@ def multiple_choice_accuracy(prediction: str, answers: Sequence[str]) -> float:
                            "names no option letter")
   chosen = extract_option_letter(prediction)
   return float(chosen is not None and chosen in refs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Yes/no benchmarks: MME and POPE, each with its official reading of a free-form answer.
+
+def mme_label(text: str) -> str:
+  """"yes", "no" or "other", as MME's eval_tool/calculation.py `parse_pred_ans` reads a lower-cased answer: the
+  whole answer, else "yes" / "no" within its first 4 characters ("yes" first)."""
+  text = text.strip().lower()
+  if text in ("yes", "no"):
+    return text
+  head = text[:4]
+  return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+def pope_label(text: str) -> str:
+  """"yes" or "no", as POPE's evaluate.py reads an answer: its first sentence (up to the first "."), commas
+  removed, is "no" when one of its space-separated words is "No", "no" or "not", else "yes"."""
+  sentence = text.split(".")[0].replace(",", "")
+  words = sentence.split(" ")
+  return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def _yes_no_references(answers: Sequence[str], metric: str) -> list[str]:
+  refs = [a.strip().lower() for a in answers]
+  if not refs or any(r not in ("yes", "no") for r in refs):
+    raise ValueError(f"{metric} references must be 'yes' or 'no', got {list(answers)!r}")
+  return refs
+
+
+def mme_accuracy(prediction: str, answers: Sequence[str]) -> float:
+  """1 when MME's reading of the prediction is the reference ("Yes" / "No"); "other" scores 0."""
+  return float(mme_label(prediction) in _yes_no_references(answers, "mme"))
+
+
+def pope_accuracy(prediction: str, answers: Sequence[str]) -> float:
+  """1 when POPE's reading of the prediction is the reference ("yes" / "no")."""
+  return float(pope_label(prediction) in _yes_no_references(answers, "pope"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,6 +345,8 @@ METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "relaxed": relaxed_accuracy,
     "iou": grounding_accuracy,
     "mc": multiple_choice_accuracy,
+    "mme": mme_accuracy,
+    "pope": pope_accuracy,
 }
 
 

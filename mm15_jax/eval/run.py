@@ -24,7 +24,7 @@ from mm15_jax.config import DataConfig, Experiment
 from mm15_jax.data import records
 from mm15_jax.data import samples as samples_lib
 from mm15_jax.data.tokenizer import MAX_GRID_SIDE, Tokenizer
-from mm15_jax.eval import benchmarks as bench, generate, metrics, report as report_lib
+from mm15_jax.eval import generate, metrics, report as report_lib, suites, summaries
 from mm15_jax.train import runner
 from mm15_jax.train import state as state_lib
 
@@ -41,9 +41,9 @@ def last_answer(record: dict) -> str:
   return next((m["content"] for m in reversed(record["messages"]) if m["role"] == "assistant"), "")
 
 
-def blind_answer(benchmark: bench.Benchmark) -> str | None:
+def blind_answer(benchmark: suites.Benchmark) -> str | None:
   """The most frequent final answer of the benchmark's training split; None when it has none."""
-  if not bench.has_train_split(benchmark.source):
+  if not suites.has_train_split(benchmark.source):
     return None
   source = benchmark.source
   counts = collections.Counter(last_answer(r) for r in records.open_source(source.data_dir, source.name, "train"))
@@ -115,11 +115,12 @@ def answer(model, tokenizer: Tokenizer, spec: samples_lib.SampleSpec, recs: Sequ
 
 
 def _question(record: dict) -> str:
-  return next(m["content"] for m in record["messages"] if m["role"] == "user")
+  """The last user turn: the question asked (after any few-shot support turns)."""
+  return next(m["content"] for m in reversed(record["messages"]) if m["role"] == "user")
 
 
 def evaluate_params(model, tokenizer: Tokenizer, data_cfg: DataConfig, *, tile_size: int, tokens_per_tile: int,
-                    benchmarks: Sequence[bench.Benchmark], n_max: int | None = None, max_examples: int = 0,
+                    benchmarks: Sequence[suites.Benchmark], n_max: int | None = None, max_examples: int = 0,
                     batch_size: int = 16, max_new_tokens: int = 24, predictions_path: str | None = None,
                     log=print) -> dict:
   """Scores `model` (in memory) on `benchmarks`; call inside the mesh the model's parameters live on.
@@ -131,7 +132,7 @@ def evaluate_params(model, tokenizer: Tokenizer, data_cfg: DataConfig, *, tile_s
   """
   if not benchmarks:
     raise ValueError("evaluate_params: no benchmarks given")
-  table = bench.category_table(benchmarks)  # checks categories before any generation
+  table = suites.category_table(benchmarks)  # checks categories before any generation
   spec = eval_spec(data_cfg, tile_size=tile_size, tokens_per_tile=tokens_per_tile, n_max=n_max)
   results, lines = {}, []
   for b in benchmarks:
@@ -139,11 +140,13 @@ def evaluate_params(model, tokenizer: Tokenizer, data_cfg: DataConfig, *, tile_s
     preds = answer(model, tokenizer, spec, recs, batch_size=batch_size, max_new_tokens=max_new_tokens,
                    n_max=n_max, tile_slots=data_cfg.max_images, where=f"benchmark {b.name}")
     scores = [metrics.score(b.metric, p, r["answers"]) for p, r in zip(preds, recs)]
+    summary = summaries.summarize(b.metric, recs, scores, preds)
     blind = blind_answer(b)
-    baseline = None if blind is None else float(np.mean([metrics.score(b.metric, blind, r["answers"]) for r in recs]))
+    baseline = None if blind is None else summaries.summarize(
+        b.metric, recs, [metrics.score(b.metric, blind, r["answers"]) for r in recs], [blind] * len(recs))["score"]
     results[b.name] = {
-        "score": float(np.mean(scores)), "baseline": baseline, "n": len(recs), "metric": b.metric,
-        "category": b.category, "blind_answer": blind, "source": str(b.source),
+        "score": float(summary["score"]), "baseline": baseline, "n": len(recs), "metric": b.metric,
+        "category": b.category, "blind_answer": blind, "source": str(b.source), "details": summary["details"],
         "examples": [{"question": _question(r), "prediction": p, "answers": r["answers"]}
                      for p, r in zip(preds[:SHOWN_EXAMPLES], recs)]}
     lines += [{"benchmark": b.name, "index": i, "question": _question(r), "prediction": p, "answers": r["answers"],
@@ -186,7 +189,7 @@ def evaluate_checkpoint(exp: Experiment, checkpoint: str, *, out_dir: str, stage
   """
   stage_cfg = _stage(exp, stage)
   data_cfg = stage_cfg.data
-  selected = bench.select(data_dir or data_cfg.data_dir, benchmarks)
+  selected = suites.select(data_dir or data_cfg.data_dir, benchmarks)
   mesh = sharding.make_mesh(exp.mesh)
   model, model_cfg = load_model(checkpoint, mesh, exp.seed)
   tokenizer = Tokenizer(data_cfg.tokenizer)
@@ -222,6 +225,13 @@ def format_table(result: dict) -> str:
   rows = [f"{'benchmark':<20} {'category':<14} {'metric':<8} {'n':>6} {'score':>6} {'blind':>6}"]
   for name, b in result["benchmarks"].items():
     rows.append(f"{name:<20} {b['category']:<14} {b['metric']:<8} {b['n']:>6} {pct(b['score'])} {pct(b['baseline'])}")
+    details = b.get("details") or {}
+    if "total" in details:  # MME's own reading: summed subtask scores
+      rows.append(f"  MME score {details['total']:.1f} (perception {details['perception']:.1f}, cognition "
+                  f"{details['cognition']:.1f})")
+    for split, v in (details.get("splits") or {}).items():
+      rows.append(f"  {split}: accuracy {100 * v['accuracy']:.1f} precision {100 * v['precision']:.1f} recall "
+                  f"{100 * v['recall']:.1f} F1 {100 * v['f1']:.1f}")
   rows.append("")
   rows.append(f"{'category':<20} {'':<14} {'':<8} {'':>6} {'score':>6} {'blind':>6}")
   for name, c in result["categories"].items():

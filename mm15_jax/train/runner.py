@@ -18,12 +18,14 @@ from flax import nnx
 from mm15_jax import config as config_lib
 from mm15_jax import sharding
 from mm15_jax.config import Experiment, ModelConfig, StageConfig
+from mm15_jax.data import mixture as mixture_lib
 from mm15_jax.data import pipeline as pipeline_lib
 from mm15_jax.data import records
 from mm15_jax.data.tokenizer import Tokenizer
-from mm15_jax.models import vit
+from mm15_jax.models import upcycle, vit
 from mm15_jax.train import checkpoint as ckpt_lib
 from mm15_jax.train import distributed
+from mm15_jax.train import epochs as epochs_lib
 from mm15_jax.train import flops as flops_lib
 from mm15_jax.train import optim
 from mm15_jax.train import state as state_lib
@@ -70,6 +72,12 @@ def initial_params(exp: Experiment, index: int, workdir: str, model_cfg: ModelCo
     model = nnx.merge(graphdef, like, rest)
     vit.resize_image_size(model, model_cfg.vision.image_size)  # e.g. position embeddings 378 -> 672
     like = nnx.state(model, nnx.Param)
+  if saved_cfg.decoder.moe is None and model_cfg.decoder.moe is not None:  # dense -> MoE: experts copy the FFNs
+    where = f"config key stages.{stage.name}.init_from={source!r}"
+    upcycle.check_compatible(saved_cfg.decoder, model_cfg.decoder, where)
+    log(f"[{stage.name}] upcycling the dense decoder: {model_cfg.decoder.moe.num_experts} experts per MoE layer")
+    _, fresh, _ = state_lib.init_params(model_cfg, mesh, exp.seed)
+    like = upcycle.upcycle_params(like, fresh, saved_cfg.decoder, model_cfg.decoder, where=where)
   # Rebuild under this stage's config so the graph is exactly that of a fresh model of this stage.
   graphdef, params, _ = state_lib.abstract_model(model_cfg, exp.seed)
   state_lib.check_shapes(params, like, f"config key stages.{stage.name}.init_from={source!r}")
@@ -87,6 +95,7 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
   that many processes sees (a multi-host run reproduced on one process).
   """
   stage = exp.stages[index]
+  stage = dataclasses.replace(stage, data=mixture_lib.resolve_sft(stage.data, log=log))  # data.sft -> data.mixture
   out_dir = stage_dir(workdir, stage)
   os.makedirs(out_dir, exist_ok=True)
   tokenizer = Tokenizer(stage.data.tokenizer)
@@ -116,6 +125,13 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
   checkpointer = ckpt_lib.Checkpointer(checkpoint_dir(workdir, stage), keep=stage.keep_checkpoints,
                                        keep_period=stage.keep_every or None)
   start = checkpointer.latest_step() or 0
+  probe = lambda rows: iter(pipeline_lib.make_dataset(
+      dataclasses.replace(stage.data, num_workers=0), sources=sources, tokenizer=tokenizer,
+      tokens_per_tile=model_cfg.connector.pooled_side ** 2, tile_size=stage.image_size, batch_size=rows,
+      seed=exp.seed, read_threads=0))
+  stage, schedule = epochs_lib.resolve(
+      stage, sources=sources, probe=probe, log=log,
+      saved=ckpt_lib.read_meta(checkpointer.directory, start) if start and stage.epochs else None)
   if start:  # resume: restore straight into the shards, nothing initialised
     graphdef, params, rest = state_lib.sharded_abstract_model(model_cfg, mesh, exp.seed)
     tx = optim.make_optimizer(stage, params)
@@ -125,7 +141,8 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
     graphdef, params, rest = initial_params(exp, index, workdir, model_cfg, mesh, log)
     tx = optim.make_optimizer(stage, params)
     state = state_lib.new_train_state(params, tx, mesh)
-  meta = {"model": config_lib.to_dict(model_cfg), "stage": config_lib.to_dict(stage), "experiment": exp.name}
+  meta = {"model": config_lib.to_dict(model_cfg), "stage": config_lib.to_dict(stage), "experiment": exp.name,
+          **({"schedule": schedule} if schedule else {})}
 
   step_fn = make_train_step(graphdef, rest, tx, model_cfg=model_cfg, image_token_id=tokenizer.image_id,
                             num_sources=len(source_names), grad_accum=stage.grad_accum)
@@ -196,10 +213,10 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
 
 def periodic_eval(model, tokenizer, stage: StageConfig, model_cfg: ModelConfig, log) -> dict[str, float]:
   """A quick held-out evaluation inside the training loop -> scalars "eval/<benchmark>", "eval/<category>"."""
-  from mm15_jax.eval import benchmarks, run as eval_run
+  from mm15_jax.eval import run as eval_run, suites
   result = eval_run.evaluate_params(
       model, tokenizer, stage.data, tile_size=stage.image_size, tokens_per_tile=model_cfg.connector.pooled_side ** 2,
-      benchmarks=benchmarks.select(stage.data.data_dir, stage.eval_benchmarks or None),
+      benchmarks=suites.select(stage.data.data_dir, stage.eval_benchmarks or None),
       max_examples=stage.eval_max_examples, log=log)
   scalars = {f"eval/{n}": b["score"] for n, b in result["benchmarks"].items()}
   scalars.update({f"eval/{c}": v["score"] for c, v in result["categories"].items()})

@@ -83,7 +83,7 @@ def make_example(*, source: str, category: str, metric: str, question: str, answ
   elif marks != len(images):
     raise ValueError(f"{where}: the question has {marks} {IMAGE_MARK} marks but the example has {len(images)} "
                      "images")
-  if metric in ("mc", "iou"):
+  if metric in ("mc", "iou", "mme", "pope"):
     for answer in answers:  # a reference the metric cannot read would fail only at scoring time
       try:
         metrics.score(metric, answer, [answer])
@@ -92,6 +92,18 @@ def make_example(*, source: str, category: str, metric: str, question: str, answ
   return {"kind": "sft", "source": source, "category": record_category(category),
           "messages": [{"role": "user", "content": text}], "images": [bytes(im) for im in images],
           "answers": answers, "metric": metric, **extra}
+
+
+def with_support(query: dict, support: Sequence[dict]) -> dict:
+  """A few-shot example (VL-ICL style): each support example as a user turn answered by its first reference, then
+  the query's user turn; images in that order. Scored like the query."""
+  messages, images = [], []
+  for s in support:
+    messages += [{"role": "user", "content": s["messages"][-1]["content"]},
+                 {"role": "assistant", "content": s["answers"][0]}]
+    images += list(s["images"])
+  return {**query, "messages": messages + list(query["messages"]), "images": images + list(query["images"]),
+          "shots": len(support)}
 
 
 def _with_choices(question: str, answers: list[str], choices: Sequence[str], where: str) -> tuple[str, list[str]]:

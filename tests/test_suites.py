@@ -13,7 +13,7 @@ from mm15_jax import cli
 from mm15_jax.config import DataConfig, SplitConfig
 from mm15_jax.data import records
 from mm15_jax.data import tokenizer as tokenizer_lib
-from mm15_jax.eval import adapters, benchmarks as bench, metrics, run
+from mm15_jax.eval import adapters, metrics, run, suites
 from mm15_jax.models.multimodal import MultimodalModel
 from tests.fixtures import IMAGE_SIZE, TOKENS_PER_TILE, tiny_model
 
@@ -55,8 +55,11 @@ def test_textvqa_adapter_and_import(tmp_path):
   n = adapters.import_benchmark("textvqa", [str(path)], out_dir=str(tmp_path / "data"), name="TextVQA")
   assert n == 2
   stored = records.open_source(tmp_path / "data", "TextVQA", "test")
-  assert [user_text(r) for r in stored] == [user_text(r) for r in got]
-  b = bench.from_records(str(tmp_path / "data"), "TextVQA")
+  # The import appends TextVQA's default instruction (the usual zero-shot protocol's short-answer request).
+  assert [user_text(r) for r in stored] == [user_text(r) + "\n" + adapters.SHORT_ANSWER for r in got]
+  assert user_text(stored[0]) == ("<image>\nwhat brand is the phone?\n"
+                                  "Answer the question using a single word or phrase.")
+  b = suites.from_records(str(tmp_path / "data"), "TextVQA")
   assert (b.category, b.metric) == ("Text-rich", "vqa")
   with pytest.raises(FileExistsError, match="TextVQA"):
     adapters.import_benchmark("textvqa", [str(path)], out_dir=str(tmp_path / "data"), name="TextVQA")
@@ -75,7 +78,9 @@ def test_docvqa_adapter(tmp_path):
   path.write_text(json.dumps(data))
   raw = write_image(tmp_path / "val" / "documents" / "pybv0228_81.png")
   (got,) = adapters.examples("docvqa", [str(path)], name="DocVQA")  # images default to the file's folder
-  assert user_text(got) == "<image>\nWhat is the date mentioned?"
+  assert user_text(got) == "<image>\nWhat is the date mentioned?\n" + adapters.SHORT_ANSWER
+  (plain,) = adapters.examples("docvqa", [str(path)], name="DocVQA", instruction="")  # "" overrides: none
+  assert user_text(plain) == "<image>\nWhat is the date mentioned?"
   assert got["answers"] == ["1/8/93", "Jan 8, 1993"] and got["metric"] == "anls" and got["images"] == [raw]
 
   del data["data"][0]["answers"]  # the test split has none
@@ -174,10 +179,10 @@ def test_jsonl_source(tmp_path):
        "answers": ["green"]},
       {"image": ["img/a.png", "img/b.png"], "question": "Which image is blue?", "choices": ["first", "second"],
        "answers": ["B"], "id": "q2"}])
-  b = bench.from_jsonl(str(path), category="Multi-image", metric="mc")
+  b = suites.from_jsonl(str(path), category="Multi-image", metric="mc")
   assert b.name == "quiz"
   got = b.examples()
-  assert user_text(got[0]) == ("<image>\nWhat colour is it?\nA. red\nB. green\nC. blue\n" + bench.MC_INSTRUCTION)
+  assert user_text(got[0]) == ("<image>\nWhat colour is it?\nA. red\nB. green\nC. blue\n" + suites.MC_INSTRUCTION)
   assert got[0]["answers"] == ["B"] and got[0]["images"] == [one]
   assert user_text(got[1]).startswith("<image>\n<image>\nWhich image is blue?\nA. first\nB. second")
   assert got[1]["images"] == [one, two] and got[1]["answers"] == ["B"] and got[1]["example_id"] == "q2"
@@ -186,7 +191,7 @@ def test_jsonl_source(tmp_path):
 
   vqa = tmp_path / "free.jsonl"
   write_jsonl(vqa, [{"image": "img/b.png", "question": "Colour? <image>", "answers": ["blue"]}])
-  (example,) = bench.from_jsonl(str(vqa), category="General", metric="vqa").examples()
+  (example,) = suites.from_jsonl(str(vqa), category="General", metric="vqa").examples()
   assert user_text(example) == "Colour? <image>" and example["answers"] == ["blue"]  # its own mark kept
 
   write_jsonl(path, [{"image": "img/a.png", "question": "Colour?", "answers": ["B"]},
@@ -203,7 +208,7 @@ def test_jsonl_source(tmp_path):
   with pytest.raises(ValueError, match=r"quiz.jsonl:1: multiple-choice reference 'blue'"):
     b.examples()
   with pytest.raises(ValueError, match="category 'Science'"):
-    bench.from_jsonl(str(path), category="Science", metric="mc")
+    suites.from_jsonl(str(path), category="Science", metric="mc")
 
 
 def heldout(answer, metric="exact", category="general", source="shapes"):
@@ -234,21 +239,21 @@ def data_dir(tmp_path_factory):
 
 
 def test_selection(data_dir):
-  assert bench.available(data_dir) == ["boxes", "shapes"]
-  every = bench.select(data_dir)
+  assert suites.available(data_dir) == ["boxes", "shapes"]
+  every = suites.select(data_dir)
   assert [(b.name, b.category, b.metric) for b in every] == [("boxes", "Refer&Ground", "iou"),
                                                              ("shapes", "General", "exact")]
-  assert [b.name for b in bench.select(data_dir, "shapes")] == ["shapes"]
+  assert [b.name for b in suites.select(data_dir, "shapes")] == ["shapes"]
   with pytest.raises(ValueError, match=r"unknown benchmark\(s\) \['nope'\].*\['boxes', 'shapes'\]"):
-    bench.select(data_dir, "shapes,nope")
+    suites.select(data_dir, "shapes,nope")
   with pytest.raises(ValueError, match=r"\['only_train'\]"):
-    bench.select(data_dir, ["only_train"])
+    suites.select(data_dir, ["only_train"])
   with pytest.raises(ValueError, match="more than once"):
-    bench.select(data_dir, "shapes,shapes")
-  table = bench.category_table(every)
+    suites.select(data_dir, "shapes,shapes")
+  table = suites.category_table(every)
   assert table["General"][-1] == "shapes" and table["Refer&Ground"][-1] == "boxes"
   with pytest.raises(ValueError, match="'TextVQA' is in category 'General'"):
-    bench.category_table([bench.Benchmark("TextVQA", "General", "vqa", every[0].source)])
+    suites.category_table([suites.Benchmark("TextVQA", "General", "vqa", every[0].source)])
 
 
 def test_eval_spec_n_max():
@@ -281,8 +286,8 @@ def test_evaluate_params_tiny_model(data_dir, tmp_path):
   write_jsonl(tmp_path / "pick.jsonl", [
       {"image": "a.png", "question": "Colour?", "choices": ["red", "blue"], "answers": ["red"]},
       {"image": "a.png", "question": "Shape?", "choices": ["square", "circle"], "answers": ["square"]}])
-  benchmarks = [bench.from_records(data_dir, "shapes"),
-                bench.from_jsonl(str(tmp_path / "pick.jsonl"), category="General", metric="mc")]
+  benchmarks = [suites.from_records(data_dir, "shapes"),
+                suites.from_jsonl(str(tmp_path / "pick.jsonl"), category="General", metric="mc")]
   predictions = tmp_path / "out" / "predictions.jsonl"
   result = run.evaluate_params(model, tok, data_cfg, tile_size=IMAGE_SIZE, tokens_per_tile=TOKENS_PER_TILE,
                                benchmarks=benchmarks, n_max=3, batch_size=2, max_new_tokens=3,
