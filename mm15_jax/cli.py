@@ -145,7 +145,7 @@ def cmd_convert(a):
 
 
 def cmd_convert_hf(a):
-  from mm15_jax.models import convert_hf
+  from mm15_jax.convert import convert_hf
   from mm15_jax.train import distributed
   distributed.initialize()
   convert_hf.command(a)

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from mm15_jax import cli, sharding  # noqa: E402
 from mm15_jax.config import ConnectorConfig, Experiment, MeshConfig, ModelConfig, StageConfig, from_dict  # noqa: E402
-from mm15_jax.models import convert_hf, hf_import  # noqa: E402
+from mm15_jax.convert import convert_hf, hf_import  # noqa: E402
 from mm15_jax.train import checkpoint, runner  # noqa: E402
 from mm15_jax.train import state as state_lib  # noqa: E402
 

@@ -9,7 +9,8 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mm15_jax.models import hf_import, layers  # noqa: E402
+from mm15_jax.convert import hf_import  # noqa: E402
+from mm15_jax.models import layers  # noqa: E402
 from mm15_jax.models.decoder import Decoder  # noqa: E402
 from mm15_jax.models.vit import VisionTransformer  # noqa: E402
 

@@ -13,7 +13,7 @@ Output: `<out>/0/{params, meta}` in the layout of train/checkpoint.py, meta = {"
 Sharded: the parameters are created directly on a mesh (abstract shapes, shardings from the logical axis names) and
 every device's shard is read from the safetensors files on its own (safe_open(...).get_slice through
 jax.make_array_from_callback), so no host ever holds the whole model; at most the addressable part of one parameter
-is on the host at a time. Orbax writes the checkpoint from those sharded arrays.
+is on the host at a time. train/checkpoint.py writes the checkpoint from those sharded arrays.
 
 Not in the HF checkpoints, so freshly initialised (seed): the connector (as a new CAbstractor) and, when upcycling,
 the routers (the MoE layer's initialiser).
@@ -33,19 +33,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
 from mm15_jax import config as config_lib
 from mm15_jax import sharding
 from mm15_jax.config import ConnectorConfig, MeshConfig, ModelConfig, MoEConfig
-from mm15_jax.models import hf_import, layers
+from mm15_jax.convert import hf_import
+from mm15_jax.models import layers
 from mm15_jax.models.connector import CAbstractor
+from mm15_jax.train import checkpoint
 from mm15_jax.train import state as state_lib
 
 NEW_ROWS = "mean of the checkpoint's rows (embedding and LM head separately)"
@@ -165,25 +165,6 @@ def import_params(cfg: ModelConfig, vision_store, decoder_store, mesh: Mesh, *, 
   return abstract
 
 
-def save_checkpoint(directory: str, params: nnx.State, meta: dict[str, Any], step: int = 0) -> None:
-  """`<directory>/<step>/{params, meta}`, readable by train.checkpoint.restore_params / read_meta."""
-  directory = os.path.abspath(directory)
-  # Each replicated shard is written by one replica: replica-parallel writes would compile a slicing program per
-  # parameter, which costs more than it saves in a one-off write.
-  arrays = ocp.type_handlers.create_type_handler_registry(
-      (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
-  options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-  manager = ocp.CheckpointManager(directory, options=options, item_handlers={
-      "params": ocp.PyTreeCheckpointHandler(type_handler_registry=arrays), "meta": ocp.JsonCheckpointHandler()})
-  if manager.latest_step() is not None:
-    manager.close()
-    raise FileExistsError(f"{directory} already holds a checkpoint (step {manager.latest_step()}); choose a new --out")
-  manager.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(nnx.to_pure_dict(params)),
-                                             meta=ocp.args.JsonSave(meta)))
-  manager.wait_until_finished()
-  manager.close()
-
-
 def convert(vision_dir: str, decoder_dir: str, out_dir: str, *, connector: ConnectorConfig | None = None,
             vocab_size: int = 0, tokenizer: str = "", upcycle: MoEConfig | None = None, feature_layer: int = -1,
             mesh: Mesh | None = None, seed: int = 0) -> ModelConfig:
@@ -199,7 +180,7 @@ def convert(vision_dir: str, decoder_dir: str, out_dir: str, *, connector: Conne
           "source": {"vision": os.path.abspath(vision_dir), "decoder": os.path.abspath(decoder_dir),
                      "hf_vocab_size": hf_vocab, "vocab_size": cfg.decoder.vocab_size, "new_vocab_rows": NEW_ROWS,
                      "upcycled": upcycle is not None, "random_init": random_parts, "seed": seed}}
-  save_checkpoint(out_dir, params, meta)
+  checkpoint.save_params(out_dir, params, meta)
   return cfg
 
 

@@ -4,7 +4,7 @@ Tensors come from a tensor store: `DictStore` (a state dict of arrays, e.g. torc
 (a directory of .safetensors files, read lazily block by block). The mapping (`clip_vision_sources`,
 `decoder_sources`) gives, for every target parameter path, a `Source` that reads any rectangular block of the target
 array: transposes, head splits, layer and expert stacking happen on the block, so a sharded import reads each
-device's shard on its own (models/convert_hf.py). `load_clip_vision` / `load_hf_decoder` fill a live module.
+device's shard on its own (convert/convert_hf.py). `load_clip_vision` / `load_hf_decoder` fill a live module.
 
 MoE layouts: Mixtral on disk (`block_sparse_moe.experts.{e}.w1/w2/w3`), Qwen2-MoE on disk
 (`mlp.experts.{e}.gate_proj/up_proj/down_proj`), and the fused in-memory one of recent transformers
