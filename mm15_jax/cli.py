@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None):
   p.add_argument("--pooled-side", type=int, default=12, help="connector output grid side (12: 144 tokens)")
   p.add_argument("--feature-layer", type=int, default=-1, help="ViT hidden state fed to the connector")
   p.add_argument("--vocab-size", type=int, default=0, help="embedding rows (default: HF vocab rounded up to 128)")
-  p.add_argument("--tokenizer", default="", help="sentencepiece model whose vocab_size sets the embedding rows")
+  p.add_argument("--tokenizer", default="",
+                 help="the LLM's tokenizer (.model, tokenizer.json or its directory): sets the embedding rows")
   p.add_argument("--upcycle", action="store_true", help="dense decoder -> MoE, experts copied from the dense FFN")
   p.add_argument("--moe-experts", type=int, default=0, help="experts per MoE layer with --upcycle (default 64)")
   p.add_argument("--moe-top-k", type=int, default=2)

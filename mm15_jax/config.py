@@ -97,7 +97,7 @@ class SplitConfig:
 @dataclasses.dataclass
 class DataConfig:
   data_dir: str = ""
-  tokenizer: str = ""            # sentencepiece model file
+  tokenizer: str = ""            # sentencepiece .model, or an HF tokenizer.json / its directory
   mixture: dict[str, float] = dataclasses.field(default_factory=dict)  # source -> weight
   equal_sources: bool = False    # stage 2: sources in exactly equal numbers in every batch
   split: SplitConfig = dataclasses.field(default_factory=SplitConfig)

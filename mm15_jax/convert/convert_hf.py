@@ -70,17 +70,19 @@ def read_hf_config(directory: str, *, vision: bool):
 
 
 def resolve_vocab_size(hf_vocab: int, vocab_size: int = 0, tokenizer: str = "") -> int:
-  """Rows of the converted embedding: explicit, the tokenizer's, or the HF vocabulary rounded up to 128."""
+  """Rows of the converted embedding: explicit, or the larger of the tokenizer's and the HF vocabulary rounded up to
+  128 (an LLM's embedding often has spare rows past its tokenizer: the project's specials may sit there)."""
   if vocab_size and tokenizer:
     raise ValueError("give --vocab-size or --tokenizer, not both")
+  rounded = -(-hf_vocab // 128) * 128
   if tokenizer:
     from mm15_jax.data.tokenizer import Tokenizer
     tok = Tokenizer(tokenizer)
-    if tok.sp_vocab_size > hf_vocab:
-      raise ValueError(f"tokenizer {tokenizer} has {tok.sp_vocab_size} pieces, more than the decoder's {hf_vocab} "
+    if tok.base_vocab_size > hf_vocab:
+      raise ValueError(f"tokenizer {tokenizer} has {tok.base_vocab_size} tokens, more than the decoder's {hf_vocab} "
                        f"embedding rows: it is not this LLM's tokenizer")
-    vocab_size = tok.vocab_size
-  vocab_size = vocab_size or -(-hf_vocab // 128) * 128
+    vocab_size = max(tok.vocab_size, rounded)
+  vocab_size = vocab_size or rounded
   if vocab_size < hf_vocab:
     raise ValueError(f"--vocab-size {vocab_size} is smaller than the decoder's vocabulary ({hf_vocab})")
   return vocab_size
