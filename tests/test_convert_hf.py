@@ -146,10 +146,11 @@ def test_qwen2_bfloat16_with_clip_model_layout(tmp_path):
   compare_decoder(hf, model, 256)
 
 
-def qwen2_moe_config(shared: int):
+def qwen2_moe_config(shared: int, norm_topk_prob: bool = True):
   return transformers.Qwen2MoeConfig(
       vocab_size=256, **DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-      shared_expert_intermediate_size=shared, norm_topk_prob=True, decoder_sparse_step=2, attn_implementation="eager")
+      shared_expert_intermediate_size=shared, norm_topk_prob=norm_topk_prob, decoder_sparse_step=2,
+      attn_implementation="eager")
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
@@ -158,8 +159,9 @@ def test_moe_decoders(clip, kind, tmp_path):
   if kind == "mixtral":
     hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(
         vocab_size=256, **DECODER, num_local_experts=4, num_experts_per_tok=2, attn_implementation="eager"))
-  else:  # MoE in the second layer of each pair, dense FFN (intermediate_size) in the first
-    hf = transformers.Qwen2MoeForCausalLM(qwen2_moe_config(shared=0))
+  else:  # MoE in the second layer of each pair, dense FFN (intermediate_size) in the first; Qwen1.5-MoE's shared
+    # expert (sigmoid-gated) and top-k weights used without renormalising
+    hf = transformers.Qwen2MoeForCausalLM(qwen2_moe_config(shared=48, norm_topk_prob=False))
   hf = randomize(hf, 5)
   decoder_dir = save(hf, tmp_path / kind)
   out = str(tmp_path / "ckpt")
@@ -167,6 +169,7 @@ def test_moe_decoders(clip, kind, tmp_path):
   cfg, model = restore(out)
   moe = cfg.decoder.moe
   assert (moe.num_experts, moe.top_k, moe.every) == ((4, 2, 1) if kind == "mixtral" else (4, 2, 2))
+  assert (moe.norm_topk, moe.shared_expert_dim) == ((True, 0) if kind == "mixtral" else (False, 48))
   compare_decoder(hf, model, 256)
 
 
@@ -226,9 +229,7 @@ def test_missing_and_unsupported_tensors_are_named(clip, tmp_path):
   with pytest.raises(ValueError, match="model.layers.0.self_attn.o_proj.bias"):
     convert_hf.convert(clip[1], directory, str(tmp_path / "b"), connector=CONNECTOR)
 
-  shared_dir = save(transformers.Qwen2MoeForCausalLM(qwen2_moe_config(shared=16)), tmp_path / "qwen2_moe")
-  with pytest.raises(ValueError, match=r"model.layers.1.mlp.shared_expert.gate_proj.weight.*shared experts"):
-    convert_hf.convert(clip[1], shared_dir, str(tmp_path / "c"), connector=CONNECTOR)
+  tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros(64, np.float32)
   with pytest.raises(ValueError, match="q_norm"):
     hf_import.decoder_config_from_hf(transformers.OlmoeConfig(**DECODER))
   assert not os.path.exists(tmp_path / "a") or not os.listdir(tmp_path / "a")
