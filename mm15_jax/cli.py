@@ -11,7 +11,7 @@
   mm15 data convert --format webdataset|parquet|llava --input F... --out DATA_DIR --name NAME
                                                    datasets as shipped -> TFDS ArrayRecord (parallel, restartable)
   mm15 convert-hf --vision DIR --decoder DIR --out CKPT
-                                                   Hugging Face CLIP + LLM safetensors -> a stage-1 checkpoint
+                                                   HF / open_clip ViT + HF LLM safetensors -> a stage-1 checkpoint
   mm15 aot --config NAME --topology v5p:4x4x4    compile the train step for a TPU slice: per-chip memory, FLOPs
   mm15 params --model NAME                         parameter counts, without allocating weights
   mm15 config --config NAME                        the resolved experiment as JSON
@@ -242,8 +242,10 @@ def main(argv: list[str] | None = None):
   q.set_defaults(fn=cmd_eval_import)
 
   p = sub.add_parser("convert-hf", help="Hugging Face CLIP + LLM safetensors -> a checkpoint for init_from")
-  p.add_argument("--vision", required=True, help="HF CLIPVisionModel / CLIPModel directory (safetensors)")
-  p.add_argument("--decoder", required=True, help="HF Llama / Qwen2 / Mixtral / Qwen2-MoE directory (safetensors)")
+  p.add_argument("--vision", default="", help="HF CLIPVisionModel / CLIPModel or open_clip directory")
+  p.add_argument("--decoder", default="", help="HF Llama / Qwen2 / Mixtral / Qwen2-MoE directory (safetensors)")
+  p.add_argument("--model", default="", help="preset whose vision tower or decoder is used (random) when the "
+                 "other part alone is imported")
   p.add_argument("--out", required=True, help="checkpoint directory to create")
   p.add_argument("--connector-hidden", type=int, default=1024)
   p.add_argument("--connector-depth", type=int, default=3)

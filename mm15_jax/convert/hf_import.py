@@ -59,23 +59,24 @@ class DictStore:
 
 
 class SafetensorsStore:
-  """The *.safetensors files of a directory (with or without model.safetensors.index.json), memory-mapped.
+  """The *.safetensors files of a directory (with or without model.safetensors.index.json; or the given `files`),
+  memory-mapped.
 
   `read` goes through safe_open(...).get_slice: only the requested block is read from disk.
   """
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, files: list[str] | None = None):
     from safetensors import safe_open
     self.directory = directory
     index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.exists(index):
+    if files is None and os.path.exists(index):
       with open(index) as f:
         files = sorted(set(json.load(f)["weight_map"].values()))
       files = [os.path.join(directory, name) for name in files]
       for path in files:
         if not os.path.exists(path):
           raise FileNotFoundError(f"{index} lists {os.path.basename(path)}, which is not in {directory}")
-    else:
+    elif files is None:
       files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
       raise FileNotFoundError(f"no .safetensors files in {directory}")
