@@ -8,6 +8,8 @@
   mm15 eval import --format F --input FILE --out DATA_DIR --name NAME
                                                    a public benchmark (textvqa, docvqa, chartqa, refcoco, jsonl)
                                                    -> records dataset NAME, split "test"
+  mm15 generate --checkpoint DIR --image F --prompt TEXT [--draw out.png]
+                                                   answer about images, streamed; boxes/points drawn
   mm15 data convert --format webdataset|parquet|llava --input F... --out DATA_DIR --name NAME
                                                    datasets as shipped -> TFDS ArrayRecord (parallel, restartable)
   mm15 convert-hf --vision DIR --decoder DIR --out CKPT
@@ -110,6 +112,16 @@ def cmd_eval(a):
   else:
     result = eval_run.evaluate_workdir(exp, a.workdir, **options)
   print(eval_run.format_table(result))
+
+
+def cmd_generate(a):
+  from mm15_jax.eval import ask
+  exp = load_experiment(a.config, a.arg, a.set)
+  try:
+    ask.ask(exp, a.checkpoint, a.image, a.prompt, stage=a.stage or -1, n_max=a.n_max or None,
+            max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed, draw=a.draw)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"mm15 generate: {e}") from e
 
 
 def cmd_eval_import(a):
@@ -240,6 +252,20 @@ def main(argv: list[str] | None = None):
   q.add_argument("--max-examples", type=int, default=0, help="0 = all")
   q.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
   q.set_defaults(fn=cmd_eval_import)
+
+  p = sub.add_parser("generate", help="answer a prompt about images with a checkpoint, streamed to the terminal")
+  _add_config_flags(p)
+  p.add_argument("--checkpoint", required=True, help="checkpoint directory (its latest step)")
+  p.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+  p.add_argument("--prompt", required=True, help='the question; "<image>" marks place the images (default: first)')
+  p.add_argument("--stage", default="", help="stage whose data settings (tokenizer, tiles) apply; default last")
+  p.add_argument("--n-max", type=int, default=0, help="dynamic split's largest grid, up to 16 (0: the stage's)")
+  p.add_argument("--max-new-tokens", type=int, default=128)
+  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--draw", default="", help="write the first image with the answer's boxes and points here (PNG)")
+  p.set_defaults(fn=cmd_generate)
 
   p = sub.add_parser("convert-hf", help="Hugging Face CLIP + LLM safetensors -> a checkpoint for init_from")
   p.add_argument("--vision", default="", help="HF CLIPVisionModel / CLIPModel or open_clip directory")
