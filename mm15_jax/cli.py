@@ -14,6 +14,7 @@
                                                    datasets as shipped -> TFDS ArrayRecord (parallel, restartable)
   mm15 convert-hf --vision DIR --decoder DIR --out CKPT
                                                    HF / open_clip ViT + HF LLM safetensors -> a stage-1 checkpoint
+  mm15 export-hf --checkpoint DIR --out DIR        the decoder as a standard HF Llama/Qwen2/Mixtral/Qwen2-MoE
   mm15 aot --config NAME --topology v5p:4x4x4    compile the train step for a TPU slice: per-chip memory, FLOPs
   mm15 params --model NAME                         parameter counts, without allocating weights
   mm15 config --config NAME                        the resolved experiment as JSON
@@ -163,6 +164,14 @@ def cmd_convert_hf(a):
   convert_hf.command(a)
 
 
+def cmd_export_hf(a):
+  from mm15_jax.convert import export_hf
+  try:
+    export_hf.command(a)
+  except (FileExistsError, FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"mm15 export-hf: {e}") from e
+
+
 def cmd_params(a):
   from mm15_jax.models import count
   count.print_counts(a.model)
@@ -289,6 +298,11 @@ def main(argv: list[str] | None = None):
   p.add_argument("--expert", type=int, default=1)
   p.add_argument("--seed", type=int, default=0, help="initialisation of the connector (and routers)")
   p.set_defaults(fn=cmd_convert_hf)
+
+  p = sub.add_parser("export-hf", help="a checkpoint's decoder -> a standard HF Llama / Qwen2 / Mixtral / Qwen2-MoE")
+  p.add_argument("--checkpoint", required=True, help="checkpoint directory (its latest step)")
+  p.add_argument("--out", required=True, help="directory for config.json + model.safetensors")
+  p.set_defaults(fn=cmd_export_hf)
 
   p = sub.add_parser("params", help="parameter counts per part (no weights allocated)")
   p.add_argument("--model", default="tiny")
