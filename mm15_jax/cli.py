@@ -14,7 +14,8 @@
                                                    datasets as shipped -> TFDS ArrayRecord (parallel, restartable)
   mm15 convert-hf --vision DIR --decoder DIR --out CKPT
                                                    HF / open_clip ViT + HF LLM safetensors -> a stage-1 checkpoint
-  mm15 export-hf --checkpoint DIR --out DIR        the decoder as a standard HF Llama/Qwen2/Mixtral/Qwen2-MoE
+  mm15 export-hf --checkpoint DIR --tokenizer F --out DIR
+                                                   transformers model (remote code) + the decoder as a standard LLM
   mm15 aot --config NAME --topology v5p:4x4x4    compile the train step for a TPU slice: per-chip memory, FLOPs
   mm15 params --model NAME                         parameter counts, without allocating weights
   mm15 config --config NAME                        the resolved experiment as JSON
@@ -161,7 +162,10 @@ def cmd_convert_hf(a):
   from mm15_jax.convert import convert_hf
   from mm15_jax.train import distributed
   distributed.initialize()
-  convert_hf.command(a)
+  try:
+    convert_hf.command(a)
+  except (FileExistsError, FileNotFoundError, KeyError, ValueError) as e:
+    raise SystemExit(f"mm15 convert-hf: {e.args[0] if e.args else e}") from e
 
 
 def cmd_export_hf(a):
@@ -299,9 +303,10 @@ def main(argv: list[str] | None = None):
   p.add_argument("--seed", type=int, default=0, help="initialisation of the connector (and routers)")
   p.set_defaults(fn=cmd_convert_hf)
 
-  p = sub.add_parser("export-hf", help="a checkpoint's decoder -> a standard HF Llama / Qwen2 / Mixtral / Qwen2-MoE")
+  p = sub.add_parser("export-hf", help="a checkpoint -> transformers (remote code) + its decoder as a standard LLM")
   p.add_argument("--checkpoint", required=True, help="checkpoint directory (its latest step)")
-  p.add_argument("--out", required=True, help="directory for config.json + model.safetensors")
+  p.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with (its image id)")
+  p.add_argument("--out", required=True, help="directory to write (the decoder alone goes to OUT/decoder)")
   p.set_defaults(fn=cmd_export_hf)
 
   p = sub.add_parser("params", help="parameter counts per part (no weights allocated)")

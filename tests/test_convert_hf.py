@@ -332,3 +332,7 @@ def test_upcycle_from_the_command_line(clip, llama, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(experts.down[...])[0, e], dense["model.layers.1.mlp.down_proj.weight"].T)
   assert np.abs(np.asarray(experts.router[...])).max() > 0  # a router exists (arbitrary), experts are identical
   compare_decoder(hf, model, 250)  # so the MoE model computes the dense one
+  for argv, message in [([], "give --vision, --decoder or both"),
+                        (["--decoder", str(tmp_path / "none")], "none has no config.json")]:
+    with pytest.raises(SystemExit, match=f"^mm15 convert-hf: .*{message}"):
+      cli.main(["convert-hf", "--out", str(tmp_path / "x")] + argv)

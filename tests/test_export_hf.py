@@ -1,4 +1,6 @@
 """`mm15 export-hf`: the decoder as a standard HF checkpoint; transformers' logits equal the JAX model's."""
+import dataclasses
+import importlib
 import json
 
 import jax
@@ -15,6 +17,7 @@ from mm15_jax import config as config_lib  # noqa: E402
 from mm15_jax.config import (ConnectorConfig, DecoderConfig, ModelConfig, MoEConfig, RopeScaling,  # noqa: E402
                              VisionConfig)
 from mm15_jax.convert import export_hf, hf_import  # noqa: E402
+from mm15_jax.eval import generate  # noqa: E402
 from mm15_jax.models.decoder import Decoder  # noqa: E402
 from mm15_jax.models.multimodal import MultimodalModel  # noqa: E402
 from mm15_jax.train import checkpoint  # noqa: E402
@@ -47,10 +50,10 @@ def write(cfg: DecoderConfig, decoder: Decoder, directory) -> None:
   save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
-def compare(decoder: Decoder, directory) -> None:
+def compare(decoder: Decoder, directory, vocab: int = 384) -> None:
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
                                                          attn_implementation="eager")
-  tokens = np.random.RandomState(0).randint(0, 384, (2, 24)).astype(np.int32)  # past llama3's original 16
+  tokens = np.random.RandomState(0).randint(0, vocab, (2, 24)).astype(np.int32)  # past llama3's original 16
   with torch.no_grad():
     want = hf(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
   pos = np.tile(np.arange(24, dtype=np.int32), (2, 1))
@@ -74,17 +77,44 @@ def test_exported_decoder_logits_and_round_trip(kind, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_export_command_from_a_checkpoint(tmp_path, capsys):
-  cfg = ModelConfig(vision=VisionConfig(image_size=16, patch_size=4, width=32, depth=1, num_heads=2, mlp_dim=64),
-                    connector=ConnectorConfig(hidden=16, depth=1, pooled_side=2), decoder=CASES["llama"],
-                    dtype="float32")
+def test_export_command_image_and_text_logits(tok, tmp_path, capsys):
+  """The whole model through transformers' remote code, and its decoder alone, from a checkpoint."""
+  cfg = ModelConfig(vision=VisionConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64,
+                                        feature_layer=-2, act="gelu"),
+                    connector=ConnectorConfig(hidden=24, depth=1, pooled_side=2),
+                    decoder=dataclasses.replace(CASES["llama"], vocab_size=tok.vocab_size), dtype="float32")
   model = MultimodalModel(cfg, rngs=nnx.Rngs(0))
-  model.decoder = random_decoder(cfg.decoder, 2)
+  state = nnx.state(model, nnx.Param)
+  keys = iter(jax.random.split(jax.random.key(3), len(jax.tree.leaves(state))))
+  nnx.update(model, jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), state))
   ckpt = str(tmp_path / "ckpt")
   checkpoint.save_params(ckpt, nnx.state(model, nnx.Param), {"model": config_lib.to_dict(cfg), "step": 0})
-  cli.main(["export-hf", "--checkpoint", ckpt, "--out", str(tmp_path / "hf")])
-  assert json.loads(capsys.readouterr().out)["architecture"] == "LlamaForCausalLM"
-  compare(model.decoder, tmp_path / "hf")
-  with pytest.raises(SystemExit, match="already holds model.safetensors"):
-    cli.main(["export-hf", "--checkpoint", ckpt, "--out", str(tmp_path / "hf")])
+  out = tmp_path / "hf"
+  cli.main(["export-hf", "--checkpoint", ckpt, "--tokenizer", tok.model_path, "--out", str(out)])
+  assert json.loads(capsys.readouterr().out)["decoder_architecture"] == "LlamaForCausalLM"
+  compare(model.decoder, out / "decoder", vocab=tok.vocab_size)
 
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float32)
+  rng = np.random.RandomState(1)
+  tokens = rng.randint(0, tok.base_vocab_size, (1, 20)).astype(np.int32)
+  tokens[0, 3:7] = tokens[0, 10:14] = tok.image_id  # two tiles of 4 tokens
+  tiles = rng.randint(0, 256, (1, 2, 16, 16, 3)).astype(np.uint8)
+  pos = np.arange(20, dtype=np.int32)[None]
+  want, _ = model(tokens, tiles, np.ones((1, 2), bool), np.ones_like(tokens), pos, image_token_id=tok.image_id)
+  remote = importlib.import_module(type(hf).__module__)
+  with torch.no_grad():
+    got = hf(input_ids=torch.from_numpy(tokens).long(),
+             pixel_values=remote.preprocess_tiles(torch.from_numpy(tiles[0]))).logits.numpy()
+  np.testing.assert_allclose(got, np.asarray(want), atol=TOL)
+  with torch.no_grad():  # the tiles matter: swapped, the logits after the first placeholder change
+    swapped = hf(input_ids=torch.from_numpy(tokens).long(),
+                 pixel_values=remote.preprocess_tiles(torch.from_numpy(tiles[0, ::-1].copy()))).logits.numpy()
+  assert np.abs(swapped[0, 3:] - got[0, 3:]).max() > 1e-2 and np.array_equal(swapped[0, :3], got[0, :3])
+  # transformers' generate (KV cache, greedy) continues the prompt as the JAX model does.
+  pixels = remote.preprocess_tiles(torch.from_numpy(tiles[0]))
+  new = hf.generate(input_ids=torch.from_numpy(tokens).long(), pixel_values=pixels, max_new_tokens=5,
+                    do_sample=False, eos_token_id=None, pad_token_id=0)[0, 20:].tolist()
+  assert new == list(generate.stream_generate(model, tokens, tiles, np.ones((1, 2), bool), image_token_id=tok.image_id,
+                                              stop_ids=(), max_new_tokens=5))
+  with pytest.raises(SystemExit, match="already holds model.safetensors"):
+    cli.main(["export-hf", "--checkpoint", ckpt, "--tokenizer", tok.model_path, "--out", str(out)])

@@ -1,25 +1,29 @@
-"""`mm15 export-hf`: a checkpoint's decoder as a standard Hugging Face checkpoint (no remote code).
+"""`mm15 export-hf`: a checkpoint as Hugging Face checkpoints.
 
-    mm15 export-hf --checkpoint runs/x/sft/checkpoints --out hf/mm15-decoder
+    mm15 export-hf --checkpoint runs/x/sft/checkpoints --tokenizer data/tokenizer.model --out hf/mm15
 
-Writes config.json + model.safetensors that `transformers.AutoModelForCausalLM.from_pretrained` loads: a
+`<out>/`: the whole model for `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`: config.json
+(model_type mm15, auto_map), model.safetensors and modeling_mm15.py (a CLIPVisionModel, the C-Abstractor in torch and
+the decoder below; `input_ids` with the tokenizer's image placeholders and `pixel_values` of the prompt's tiles).
+`<out>/decoder/`: the decoder alone, a standard checkpoint (no remote code),
+config.json + model.safetensors that `transformers.AutoModelForCausalLM.from_pretrained` loads: a
 LlamaForCausalLM (dense, no q/k/v biases), Qwen2ForCausalLM (dense with biases), MixtralForCausalLM (an MoE FFN in
 every layer, renormalised top-k, no shared expert or biases) or Qwen2MoeForCausalLM (any other MoE layout). Every
 tensor is the exact inverse of the import mapping of convert/hf_import.py (the same Views, read backwards), so an
 export re-imports to the same parameters. The vocabulary is the model's (the LLM's ids, then the project's special
-tokens and padding rows). The vision tower and connector are not part of this export.
+tokens and padding rows). The vision tower maps onto a CLIPVisionModel the same way (the CLIP import read backwards).
 """
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
-from mm15_jax.config import DecoderConfig
+from mm15_jax.config import DecoderConfig, ModelConfig, VisionConfig
 from mm15_jax.convert import hf_import
 
 
@@ -142,15 +146,19 @@ def _invert(source, value: np.ndarray, out: dict[str, np.ndarray]) -> None:
   out[source.name] = np.ascontiguousarray(np.transpose(x, np.argsort(source.perm)))
 
 
-def decoder_tensors(cfg: DecoderConfig, params: dict[str, Any]) -> dict[str, np.ndarray]:
-  """The decoder's parameters (a pure dict of arrays, as nnx.to_pure_dict gives) as HF tensors, float32."""
-  shapes = tensor_shapes(cfg)
-  sources = hf_import.decoder_sources(_Shapes(shapes), cfg)
+def _invert_all(sources: dict, params: dict[str, Any], what: str) -> dict[str, np.ndarray]:
   flat = {tuple(k): np.asarray(jax.device_get(v), np.float32) for k, v in _flatten(params)}
-  hf_import.check_shapes({p: a.shape for p, a in flat.items()}, sources, "HF export")
+  hf_import.check_shapes({p: a.shape for p, a in flat.items()}, sources, what)
   out: dict[str, np.ndarray] = {}
   for path, source in sources.items():
     _invert(source, flat[path], out)
+  return out
+
+
+def decoder_tensors(cfg: DecoderConfig, params: dict[str, Any]) -> dict[str, np.ndarray]:
+  """The decoder's parameters (a pure dict of arrays, as nnx.to_pure_dict gives) as HF tensors, float32."""
+  shapes = tensor_shapes(cfg)
+  out = _invert_all(hf_import.decoder_sources(_Shapes(shapes), cfg), params, "HF export")
   for name in set(shapes) - set(out):  # a zero-width shared expert: zeros change nothing
     if "shared_expert" not in name:
       raise KeyError(f"HF export: no parameter maps to {name}")
@@ -166,28 +174,108 @@ def _flatten(tree, prefix=()):
       yield prefix + (key,), value
 
 
-def export_decoder(checkpoint_dir: str, out_dir: str) -> dict:
-  """Restores the checkpoint's parameters onto this host and writes the decoder; returns what was written."""
-  from safetensors.numpy import save_file
+def vision_tensors(cfg: VisionConfig, params: dict[str, Any]) -> dict[str, np.ndarray]:
+  """The ViT's parameters as CLIPVisionModel tensors (its unused post-LayerNorm as the identity's ones and zeros)."""
+  if not cfg.pre_norm:
+    raise ValueError("model.vision.pre_norm=False has no CLIPVisionModel counterpart (CLIP normalises the embeddings)")
+  w, p, side = cfg.width, cfg.patch_size, cfg.image_size // cfg.patch_size
+  pre = "vision_model."
+  shapes = {pre + "embeddings.class_embedding": (w,), pre + "embeddings.patch_embedding.weight": (w, 3, p, p),
+            pre + "embeddings.position_embedding.weight": (side * side + 1, w), pre + "pre_layrnorm.weight": (w,),
+            pre + "pre_layrnorm.bias": (w,)}
+  for i in range(cfg.depth):
+    g = f"{pre}encoder.layers.{i}."
+    for n in ("q", "k", "v", "out"):
+      shapes.update({g + f"self_attn.{n}_proj.weight": (w, w), g + f"self_attn.{n}_proj.bias": (w,)})
+    shapes.update({g + "mlp.fc1.weight": (cfg.mlp_dim, w), g + "mlp.fc1.bias": (cfg.mlp_dim,),
+                   g + "mlp.fc2.weight": (w, cfg.mlp_dim), g + "mlp.fc2.bias": (w,)})
+    for n in ("layer_norm1", "layer_norm2"):
+      shapes.update({g + f"{n}.weight": (w,), g + f"{n}.bias": (w,)})
+  out = _invert_all(hf_import.clip_vision_sources(_Shapes(shapes), cfg), params, "HF export (vision)")
+  out.update({pre + "post_layernorm.weight": np.ones((w,), np.float32),
+              pre + "post_layernorm.bias": np.zeros((w,), np.float32)})
+  return out
 
+
+def connector_tensors(params: dict[str, Any]) -> dict[str, np.ndarray]:
+  """The C-Abstractor's parameters under modeling_mm15.CAbstractor's names (conv kernels as torch lays them out)."""
+  a = lambda x: np.asarray(jax.device_get(x), np.float32)
+  conv1x1 = lambda kernel: np.ascontiguousarray(a(kernel).T[:, :, None, None])
+  out = {"pos_emb": a(params["pos_embedding"])[None]}
+
+  def conv_norm(name, src):
+    out.update({f"{name}.conv.weight": conv1x1(src["kernel"]), f"{name}.bn.weight": a(src["norm"]["scale"]),
+                f"{name}.bn.bias": a(src["norm"]["bias"])})
+
+  for index, stage in ((0, "stage1"), (2, "stage2")):
+    blocks = params[stage]["blocks"]
+    for i in sorted(blocks):
+      b, name = blocks[i], f"net.{index}.blocks.{i}"
+      conv_norm(f"{name}.conv1", b["conv1"])
+      out.update({f"{name}.conv2.conv.weight": np.ascontiguousarray(a(b["dw_kernel"]).transpose(3, 2, 0, 1)),
+                  f"{name}.conv2.bn.weight": a(b["dw_norm"]["scale"]),
+                  f"{name}.conv2.bn.bias": a(b["dw_norm"]["bias"])})
+      for src, dst in (("se_reduce", "fc1"), ("se_expand", "fc2")):
+        if src in b:
+          out.update({f"{name}.se.{dst}.weight": conv1x1(b[src]["kernel"]), f"{name}.se.{dst}.bias": a(b[src]["bias"])})
+      conv_norm(f"{name}.conv3", b["conv3"])
+      if b.get("shortcut") is not None:
+        conv_norm(f"{name}.downsample", b["shortcut"])
+  for src, dst in (("readout1", "0"), ("readout2", "2")):
+    out.update({f"readout.{dst}.weight": np.ascontiguousarray(a(params[src]["kernel"]).T),
+                f"readout.{dst}.bias": a(params[src]["bias"])})
+  return out
+
+
+def multimodal_config(cfg: ModelConfig, image_token_id: int) -> dict:
+  """config.json of the remote-code model."""
+  v = cfg.vision
+  vision = {"hidden_size": v.width, "intermediate_size": v.mlp_dim, "num_hidden_layers": v.depth,
+            "num_attention_heads": v.num_heads, "image_size": v.image_size, "patch_size": v.patch_size,
+            "hidden_act": v.act, "layer_norm_eps": v.layer_norm_eps, "num_channels": 3}
+  c = cfg.connector
+  return {"model_type": "mm15", "architectures": ["Mm15ForConditionalGeneration"],
+          "auto_map": {"AutoConfig": "modeling_mm15.Mm15Config",
+                       "AutoModelForCausalLM": "modeling_mm15.Mm15ForConditionalGeneration"},
+          "vision_config": vision, "text_config": hf_config(cfg.decoder).to_dict(),
+          "connector_hidden": c.hidden, "connector_depth": c.depth, "pooled_side": c.pooled_side,
+          "se_ratio": c.se_ratio, "feature_layer": v.feature_layer, "image_token_id": image_token_id}
+
+
+def write(cfg: ModelConfig, params: dict[str, Any], out_dir: str, *, image_token_id: int) -> dict:
+  """Writes `<out_dir>` (the whole model, remote code) and `<out_dir>/decoder` (standard); returns a summary."""
+  from safetensors.numpy import save
+  out = epath.Path(out_dir)
+  if (out / "model.safetensors").exists():
+    raise FileExistsError(f"{out_dir} already holds model.safetensors; choose a new --out")
+  decoder = decoder_tensors(cfg.decoder, params["decoder"])
+  tensors = {"vision_tower." + k: v for k, v in vision_tensors(cfg.vision, params["vision"]).items()}
+  tensors.update({"connector." + k: v for k, v in connector_tensors(params["connector"]).items()})
+  tensors.update({"language_model." + k: v for k, v in decoder.items()})
+  (out / "decoder").mkdir(parents=True, exist_ok=True)
+  config = hf_config(cfg.decoder)
+  config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
+  (out / "decoder" / "config.json").write_text(config.to_json_string())
+  (out / "decoder" / "model.safetensors").write_bytes(save(decoder, metadata={"format": "pt"}))
+  (out / "config.json").write_text(json.dumps(multimodal_config(cfg, image_token_id), indent=2))
+  (out / "modeling_mm15.py").write_text(epath.Path(__file__).with_name("modeling_mm15.py").read_text())
+  (out / "model.safetensors").write_bytes(save(tensors, metadata={"format": "pt"}))
+  return {"out": str(out), "decoder_architecture": config.architectures[0],
+          "parameters_M": round(sum(t.size for t in tensors.values()) / 1e6, 1)}
+
+
+def export(checkpoint_dir: str, out_dir: str, tokenizer: str) -> dict:
+  """Restores the checkpoint's parameters onto this host and writes both exports."""
   from mm15_jax import sharding
   from mm15_jax.config import MeshConfig
+  from mm15_jax.data.tokenizer import Tokenizer
   from mm15_jax.train import state as state_lib
-  if os.path.exists(os.path.join(out_dir, "model.safetensors")):
-    raise FileExistsError(f"{out_dir} already holds model.safetensors; choose a new --out")
+  image_token_id = Tokenizer(tokenizer).image_id
   mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1))
   model_cfg, _, params, _ = state_lib.restore_model_params(checkpoint_dir, mesh)
-  decoder = nnx.to_pure_dict(params)["decoder"]
-  tensors = decoder_tensors(model_cfg.decoder, decoder)
-  config = hf_config(model_cfg.decoder)
-  config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
-  os.makedirs(out_dir, exist_ok=True)
-  config.save_pretrained(out_dir)
-  save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-  return {"out": os.path.abspath(out_dir), "architecture": config.architectures[0],
-          "parameters_M": round(sum(t.size for t in tensors.values()) / 1e6, 1)}
+  return write(model_cfg, nnx.to_pure_dict(params), out_dir, image_token_id=image_token_id)
 
 
 def command(a) -> None:
   """`mm15 export-hf` with its parsed flags."""
-  print(json.dumps(export_decoder(a.checkpoint, a.out), indent=2))
+  print(json.dumps(export(a.checkpoint, a.out, a.tokenizer), indent=2))

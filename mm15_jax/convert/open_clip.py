@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any
 
-import numpy as np
+from etils import epath
 
 from mm15_jax.config import VisionConfig
 from mm15_jax.convert import hf_import
@@ -31,7 +31,7 @@ REFUSED = {"ls_init_value": "layer scale", "attentional_pool": "attentional pool
 
 
 def is_open_clip(directory: str) -> bool:
-  return os.path.exists(os.path.join(directory, CONFIG_FILE))
+  return epath.Path(directory, CONFIG_FILE).exists()
 
 
 def holds_open_clip(store) -> bool:
@@ -41,9 +41,8 @@ def holds_open_clip(store) -> bool:
 
 def vision_config(directory: str) -> VisionConfig:
   """open_clip_config.json's vision_cfg -> VisionConfig (open_clip's defaults where a key is absent)."""
-  path = os.path.join(directory, CONFIG_FILE)
-  with open(path) as f:
-    model_cfg = json.load(f).get("model_cfg", {})
+  path = epath.Path(directory, CONFIG_FILE)
+  model_cfg = json.loads(path.read_text()).get("model_cfg", {})
   v = model_cfg.get("vision_cfg", {})
   for key, what in REFUSED.items():
     if v.get(key):

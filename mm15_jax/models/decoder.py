@@ -22,6 +22,7 @@ KV cache (generation): {"k", "v": [units, every, B, S, kv_heads, head_dim], "val
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -221,7 +222,9 @@ class Attention(nnx.Module):
       self.q_bias = mk((h, hd), ("heads", "head_dim"), layers.zeros_init)
       self.k_bias = mk((g, hd), ("kv_heads", "head_dim"), layers.zeros_init)
       self.v_bias = mk((g, hd), ("kv_heads", "head_dim"), layers.zeros_init)
-    self.theta, self.rope_scaling = cfg.rope_theta, cfg.rope_scaling
+    self.theta = cfg.rope_theta
+    # A tuple, not the config object: the graphdef (a static jit argument) must stay hashable.
+    self.rope_scaling = None if cfg.rope_scaling is None else dataclasses.astuple(cfg.rope_scaling)
     self.dtype = dtype
 
   def qkv(self, x_BTD, positions_BT):
@@ -230,8 +233,9 @@ class Attention(nnx.Module):
     q, k, v = proj(self.q), proj(self.k), proj(self.v)
     if self.use_bias:
       q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
-    q = constrain(rope(q, positions_BT, self.theta, self.rope_scaling), ("batch", "length", "heads", "head_dim"))
-    k = constrain(rope(k, positions_BT, self.theta, self.rope_scaling), ("batch", "length", "kv_heads", "head_dim"))
+    scaling = None if self.rope_scaling is None else RopeScaling(*self.rope_scaling)
+    q = constrain(rope(q, positions_BT, self.theta, scaling), ("batch", "length", "heads", "head_dim"))
+    k = constrain(rope(k, positions_BT, self.theta, scaling), ("batch", "length", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     return q, k, v
 
