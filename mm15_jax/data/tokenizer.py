@@ -357,7 +357,9 @@ class Tokenizer:
       text = full
     if add_generation_prompt:
       full = self.render(messages, add_generation_prompt=True)
-      assert full.startswith(text), "the generation prompt is appended to the conversation"
+      if not full.startswith(text):
+        raise ValueError(f"{where}: the chat template of {self.model_path} changes the conversation when asked for "
+                         f"a generation prompt")
       text = full
     return self._encode_spans(text, contents if image_ids is not None else [], trained_spans, image_ids)
 
