@@ -50,8 +50,9 @@ def _bpe(specials: list[str], split: str | None):
   tok.decoder = decoders.ByteLevel()
   rng = random.Random(0)
   texts = [" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(300)]
-  tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                     show_progress=False))
+  trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(texts, trainer)
   tok.add_special_tokens(specials)  # as in the real files: the LLM's specials follow its BPE vocabulary
   return tok
 
@@ -156,3 +157,15 @@ def test_sft_sample_and_prompt_are_the_llm_format(hf_dir):
   prompt = samples.encode_prompt(record, tok, spec)
   assert prompt.ids.tolist() == list(theirs.apply_chat_template(MESSAGES[:4], add_generation_prompt=True,
                                                                 tokenize=True, return_dict=False))
+
+
+def test_converted_embedding_rows_fit_tokenizer_and_llm(hf_dir):
+  from mm15_jax.convert import convert_hf
+  _, d = hf_dir
+  tok = tokenizer_lib.Tokenizer(str(d))
+  assert convert_hf.resolve_vocab_size(tok.base_vocab_size, tokenizer=str(d)) == tok.vocab_size
+  # An LLM whose embedding has spare rows past its tokenizer (Qwen2): the specials sit there, the rows are kept.
+  rows = tok.vocab_size + 300
+  assert convert_hf.resolve_vocab_size(rows, tokenizer=str(d)) == -(-rows // 128) * 128
+  with pytest.raises(ValueError, match="not this LLM's tokenizer"):
+    convert_hf.resolve_vocab_size(tok.base_vocab_size - 1, tokenizer=str(d))
