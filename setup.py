@@ -17,6 +17,8 @@ setup(
         "array-record>=0.8.6",
         "grain>=0.2.18",
         "sentencepiece>=0.2.1",
+        "tokenizers>=0.20",  # Hugging Face tokenizer.json
+        "jinja2>=3.1.6",  # LLM chat templates (3.1.6: the sandbox fixes transformers also requires)
         "numpy>=2.0",
         "pillow>=11.0",
         "opencv-python-headless>=4.10",  # decode straight into numpy, fast resampling (IMREAD_COLOR_RGB: 4.10+)

@@ -9,10 +9,14 @@
                                                    a public benchmark (textvqa, docvqa, chartqa, refcoco, jsonl,
                                                    mme, pope, multi_mc; --shots K --support F: few-shot)
                                                    -> records dataset NAME, split "test"
+  mm15 generate --checkpoint DIR --image F --prompt TEXT [--draw out.png]
+                                                   answer about images, streamed; boxes/points drawn
   mm15 data convert --format webdataset|parquet|jsonl|llava --kind K --input F... --out DATA_DIR --name NAME
                                                    datasets as shipped -> TFDS ArrayRecord (parallel, restartable)
   mm15 convert-hf --vision DIR --decoder DIR --out CKPT
-                                                   Hugging Face CLIP + LLM safetensors -> a stage-1 checkpoint
+                                                   HF / open_clip ViT + HF LLM safetensors -> a stage-1 checkpoint
+  mm15 export-hf --checkpoint DIR --tokenizer F --out DIR
+                                                   transformers model (remote code) + the decoder as a standard LLM
   mm15 aot --config NAME --topology v5p:4x4x4    compile the train step for a TPU slice: per-chip memory, FLOPs
   mm15 params --model NAME                         parameter counts, without allocating weights
   mm15 config --config NAME                        the resolved experiment as JSON
@@ -113,6 +117,16 @@ def cmd_eval(a):
   print(eval_run.format_table(result))
 
 
+def cmd_generate(a):
+  from mm15_jax.eval import ask
+  exp = load_experiment(a.config, a.arg, a.set)
+  try:
+    ask.ask(exp, a.checkpoint, a.image, a.prompt, stage=a.stage or -1, n_max=a.n_max or None,
+            max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed, draw=a.draw)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"mm15 generate: {e}") from e
+
+
 def cmd_eval_import(a):
   from mm15_jax.eval import adapters
   options = {"instruction": a.instruction, "shots": a.shots, "support": a.support, "seed": a.seed}
@@ -148,10 +162,21 @@ def cmd_convert(a):
 
 
 def cmd_convert_hf(a):
-  from mm15_jax.models import convert_hf
+  from mm15_jax.convert import convert_hf
   from mm15_jax.train import distributed
   distributed.initialize()
-  convert_hf.command(a)
+  try:
+    convert_hf.command(a)
+  except (FileExistsError, FileNotFoundError, KeyError, ValueError) as e:
+    raise SystemExit(f"mm15 convert-hf: {e.args[0] if e.args else e}") from e
+
+
+def cmd_export_hf(a):
+  from mm15_jax.convert import export_hf
+  try:
+    export_hf.command(a)
+  except (FileExistsError, FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"mm15 export-hf: {e}") from e
 
 
 def cmd_params(a):
@@ -252,16 +277,33 @@ def main(argv: list[str] | None = None):
   q.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
   q.set_defaults(fn=cmd_eval_import)
 
+  p = sub.add_parser("generate", help="answer a prompt about images with a checkpoint, streamed to the terminal")
+  _add_config_flags(p)
+  p.add_argument("--checkpoint", required=True, help="checkpoint directory (its latest step)")
+  p.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+  p.add_argument("--prompt", required=True, help='the question; "<image>" marks place the images (default: first)')
+  p.add_argument("--stage", default="", help="stage whose data settings (tokenizer, tiles) apply; default last")
+  p.add_argument("--n-max", type=int, default=0, help="dynamic split's largest grid, up to 16 (0: the stage's)")
+  p.add_argument("--max-new-tokens", type=int, default=128)
+  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--draw", default="", help="write the first image with the answer's boxes and points here (PNG)")
+  p.set_defaults(fn=cmd_generate)
+
   p = sub.add_parser("convert-hf", help="Hugging Face CLIP + LLM safetensors -> a checkpoint for init_from")
-  p.add_argument("--vision", required=True, help="HF CLIPVisionModel / CLIPModel directory (safetensors)")
-  p.add_argument("--decoder", required=True, help="HF Llama / Qwen2 / Mixtral / Qwen2-MoE directory (safetensors)")
+  p.add_argument("--vision", default="", help="HF CLIPVisionModel / CLIPModel or open_clip directory")
+  p.add_argument("--decoder", default="", help="HF Llama / Qwen2 / Mixtral / Qwen2-MoE directory (safetensors)")
+  p.add_argument("--model", default="", help="preset whose vision tower or decoder is used (random) when the "
+                 "other part alone is imported")
   p.add_argument("--out", required=True, help="checkpoint directory to create")
   p.add_argument("--connector-hidden", type=int, default=1024)
   p.add_argument("--connector-depth", type=int, default=3)
   p.add_argument("--pooled-side", type=int, default=12, help="connector output grid side (12: 144 tokens)")
   p.add_argument("--feature-layer", type=int, default=-1, help="ViT hidden state fed to the connector")
   p.add_argument("--vocab-size", type=int, default=0, help="embedding rows (default: HF vocab rounded up to 128)")
-  p.add_argument("--tokenizer", default="", help="sentencepiece model whose vocab_size sets the embedding rows")
+  p.add_argument("--tokenizer", default="",
+                 help="the LLM's tokenizer (.model, tokenizer.json or its directory): sets the embedding rows")
   p.add_argument("--upcycle", action="store_true", help="dense decoder -> MoE, experts copied from the dense FFN")
   p.add_argument("--moe-experts", type=int, default=0, help="experts per MoE layer with --upcycle (default 64)")
   p.add_argument("--moe-top-k", type=int, default=2)
@@ -271,6 +313,12 @@ def main(argv: list[str] | None = None):
   p.add_argument("--expert", type=int, default=1)
   p.add_argument("--seed", type=int, default=0, help="initialisation of the connector (and routers)")
   p.set_defaults(fn=cmd_convert_hf)
+
+  p = sub.add_parser("export-hf", help="a checkpoint -> transformers (remote code) + its decoder as a standard LLM")
+  p.add_argument("--checkpoint", required=True, help="checkpoint directory (its latest step)")
+  p.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with (its image id)")
+  p.add_argument("--out", required=True, help="directory to write (the decoder alone goes to OUT/decoder)")
+  p.set_defaults(fn=cmd_export_hf)
 
   p = sub.add_parser("params", help="parameter counts per part (no weights allocated)")
   p.add_argument("--model", default="tiny")

@@ -44,6 +44,20 @@ class MoEConfig:
   z_loss_weight: float = 0.001
   capacity_factor: float = 0.0   # 0: dropless; >0: capacity mode, drop rate reported
   grouped_matmul: str = "auto"   # dropless kernel: "ragged" (ragged_dot), "blocked", "auto" (blocked on CPU)
+  norm_topk: bool = True         # renormalise the top-k router probabilities (False: as they are, Qwen2-MoE's option)
+  shared_expert_dim: int = 0     # >0: a sigmoid-gated shared SwiGLU expert of this width beside the routed ones
+
+
+@dataclasses.dataclass
+class RopeScaling:
+  """RoPE frequencies for contexts past the pretraining length (HF rope_parameters): "linear" divides positions by
+  `factor`; "dynamic" grows theta (NTK) with the longest position of each call past `original_max_len`; "llama3"
+  divides long wavelengths by `factor` with a smooth band between low_freq_factor and high_freq_factor."""
+  kind: str = "llama3"
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_len: int = 8192
 
 
 @dataclasses.dataclass
@@ -57,6 +71,7 @@ class DecoderConfig:
   head_dim: int = 0              # 0: d_model // num_heads
   ffn_dim: int = 8192
   rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
   rms_eps: float = 1e-5
   tie_embeddings: bool = False
   qkv_bias: bool = False         # Qwen2-style
@@ -112,7 +127,7 @@ class SftMixtureConfig:
 @dataclasses.dataclass
 class DataConfig:
   data_dir: str = ""
-  tokenizer: str = ""            # sentencepiece model file
+  tokenizer: str = ""            # sentencepiece .model, or an HF tokenizer.json / its directory
   mixture: dict[str, float] = dataclasses.field(default_factory=dict)  # source -> weight
   sft: SftMixtureConfig = dataclasses.field(default_factory=SftMixtureConfig)  # name set: replaces mixture
   equal_sources: bool = False    # stage 2: sources in exactly equal numbers in every batch

@@ -15,8 +15,9 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from mm15_jax import cli, sharding  # noqa: E402
-from mm15_jax.config import ConnectorConfig, Experiment, MeshConfig, ModelConfig, StageConfig, from_dict  # noqa: E402
-from mm15_jax.models import convert_hf, hf_import  # noqa: E402
+from mm15_jax.config import (ConnectorConfig, DecoderConfig, Experiment, MeshConfig, ModelConfig, StageConfig,  # noqa: E402
+                             VisionConfig, from_dict)
+from mm15_jax.convert import convert_hf, hf_import, open_clip  # noqa: E402
 from mm15_jax.train import checkpoint, runner  # noqa: E402
 from mm15_jax.train import state as state_lib  # noqa: E402
 
@@ -146,10 +147,11 @@ def test_qwen2_bfloat16_with_clip_model_layout(tmp_path):
   compare_decoder(hf, model, 256)
 
 
-def qwen2_moe_config(shared: int):
+def qwen2_moe_config(shared: int, norm_topk_prob: bool = True):
   return transformers.Qwen2MoeConfig(
       vocab_size=256, **DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-      shared_expert_intermediate_size=shared, norm_topk_prob=True, decoder_sparse_step=2, attn_implementation="eager")
+      shared_expert_intermediate_size=shared, norm_topk_prob=norm_topk_prob, decoder_sparse_step=2,
+      attn_implementation="eager")
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
@@ -158,8 +160,9 @@ def test_moe_decoders(clip, kind, tmp_path):
   if kind == "mixtral":
     hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(
         vocab_size=256, **DECODER, num_local_experts=4, num_experts_per_tok=2, attn_implementation="eager"))
-  else:  # MoE in the second layer of each pair, dense FFN (intermediate_size) in the first
-    hf = transformers.Qwen2MoeForCausalLM(qwen2_moe_config(shared=0))
+  else:  # MoE in the second layer of each pair, dense FFN (intermediate_size) in the first; Qwen1.5-MoE's shared
+    # expert (sigmoid-gated) and top-k weights used without renormalising
+    hf = transformers.Qwen2MoeForCausalLM(qwen2_moe_config(shared=48, norm_topk_prob=False))
   hf = randomize(hf, 5)
   decoder_dir = save(hf, tmp_path / kind)
   out = str(tmp_path / "ckpt")
@@ -167,7 +170,78 @@ def test_moe_decoders(clip, kind, tmp_path):
   cfg, model = restore(out)
   moe = cfg.decoder.moe
   assert (moe.num_experts, moe.top_k, moe.every) == ((4, 2, 1) if kind == "mixtral" else (4, 2, 2))
+  assert (moe.norm_topk, moe.shared_expert_dim) == ((True, 0) if kind == "mixtral" else (False, 48))
   compare_decoder(hf, model, 256)
+
+
+def open_clip_layout(hf_vision) -> dict[str, np.ndarray]:
+  """An HF CLIPVisionModel's weights under open_clip's names (q, k, v stacked into in_proj), plus a text tower."""
+  sd = {k.removeprefix("vision_model."): v.detach().numpy() for k, v in hf_vision.state_dict().items()}
+  out = {"visual.conv1.weight": sd["embeddings.patch_embedding.weight"],
+         "visual.class_embedding": sd["embeddings.class_embedding"],
+         "visual.positional_embedding": sd["embeddings.position_embedding.weight"],
+         "visual.ln_pre.weight": sd["pre_layrnorm.weight"], "visual.ln_pre.bias": sd["pre_layrnorm.bias"],
+         "visual.ln_post.weight": sd["post_layernorm.weight"], "visual.ln_post.bias": sd["post_layernorm.bias"],
+         "visual.proj": np.ones((32, 8), np.float32), "logit_scale": np.ones((), np.float32),
+         "token_embedding.weight": np.ones((64, 16), np.float32),
+         "transformer.resblocks.0.attn.in_proj_weight": np.ones((48, 16), np.float32)}
+  for i in range(VISION["num_hidden_layers"]):
+    hf, oc = f"encoder.layers.{i}.", f"visual.transformer.resblocks.{i}."
+    for n in ("weight", "bias"):
+      out[oc + f"attn.in_proj_{n}"] = np.concatenate([sd[hf + f"self_attn.{p}_proj.{n}"] for p in "qkv"])
+      out[oc + f"attn.out_proj.{n}"] = sd[hf + f"self_attn.out_proj.{n}"]
+      out[oc + f"ln_1.{n}"], out[oc + f"ln_2.{n}"] = sd[hf + f"layer_norm1.{n}"], sd[hf + f"layer_norm2.{n}"]
+      out[oc + f"mlp.c_fc.{n}"], out[oc + f"mlp.c_proj.{n}"] = sd[hf + f"mlp.fc1.{n}"], sd[hf + f"mlp.fc2.{n}"]
+  return out
+
+
+def test_open_clip_vision_alone(clip, tmp_path):
+  """An open_clip ViT (DFN5B layout) with a random decoder of the given shape."""
+  hf_vision = clip[0]
+  directory = tmp_path / "open_clip"
+  directory.mkdir()
+  tensors = open_clip_layout(hf_vision)
+  save_file(tensors, str(directory / "open_clip_model.safetensors"))
+  (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+      "embed_dim": 8, "quick_gelu": True, "vision_cfg": {"image_size": 16, "layers": 2, "width": 32,
+                                                         "head_width": 16, "mlp_ratio": 2.0, "patch_size": 4},
+      "text_cfg": {"width": 16}}}))
+  base = ModelConfig(decoder=DecoderConfig(vocab_size=128, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                                           ffn_dim=64))
+  out = str(tmp_path / "ckpt")
+  convert_hf.convert(str(directory), "", out, connector=CONNECTOR, mesh=mesh_of(1), base=base)
+  assert checkpoint.read_meta(out)["source"]["random_init"] == ["connector", "decoder"]
+  cfg, model = restore(out)
+  assert cfg.vision.act == "quick_gelu" and cfg.vision.num_heads == 2 and cfg.decoder.d_model == 32
+  compare_vision(hf_vision, model)
+  assert np.std(np.asarray(model.decoder.embedding[...])) > 0  # initialised, not zeros
+  # The torch pickle of the same weights reads the same arrays.
+  import torch
+  pickled = tmp_path / "open_clip_bin"
+  pickled.mkdir()
+  torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, str(pickled / "open_clip_pytorch_model.bin"))
+  (pickled / "open_clip_config.json").write_text((directory / "open_clip_config.json").read_text())
+  a = open_clip.vision_sources(convert_hf.open_vision_store(str(directory)), cfg.vision)
+  b = open_clip.vision_sources(convert_hf.open_vision_store(str(pickled)), cfg.vision)
+  for path in a:
+    np.testing.assert_array_equal(a[path].read((slice(None),)), b[path].read((slice(None),)), err_msg=str(path))
+  # Variants the ViT does not have are refused by name.
+  (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"vision_cfg": {"ls_init_value": 0.1}}}))
+  with pytest.raises(ValueError, match="ls_init_value"):
+    convert_hf.read_vision_config(str(directory))
+
+
+def test_decoder_alone(llama, tmp_path):
+  """A Llama decoder with a random vision tower of the given shape."""
+  hf, decoder_dir = llama
+  base = ModelConfig(vision=VisionConfig(image_size=16, patch_size=4, width=32, depth=1, num_heads=2, mlp_dim=64))
+  out = str(tmp_path / "ckpt")
+  convert_hf.convert("", decoder_dir, out, connector=CONNECTOR, mesh=mesh_of(1), base=base)
+  cfg, model = restore(out)
+  assert cfg.vision.depth == 1 and checkpoint.read_meta(out)["source"]["random_init"] == ["connector", "vision"]
+  compare_decoder(hf, model, 250)
+  with pytest.raises(ValueError, match="--model PRESET"):
+    convert_hf.convert("", decoder_dir, str(tmp_path / "b"), connector=CONNECTOR, mesh=mesh_of(1))
 
 
 def test_sharded_conversion_equals_unsharded(clip, tmp_path, monkeypatch):
@@ -176,7 +250,7 @@ def test_sharded_conversion_equals_unsharded(clip, tmp_path, monkeypatch):
   hf = randomize(transformers.MixtralForCausalLM(transformers.MixtralConfig(
       vocab_size=256, **DECODER, num_local_experts=4, num_experts_per_tok=2)), 6)
   decoder_dir = save(hf, tmp_path / "mixtral")
-  cfg, _ = convert_hf.model_config(convert_hf.read_hf_config(clip[1], vision=True),
+  cfg, _ = convert_hf.model_config(convert_hf.read_vision_config(clip[1]),
                                    convert_hf.read_hf_config(decoder_dir, vision=False), connector=CONNECTOR)
   stores = hf_import.SafetensorsStore(clip[1]), hf_import.SafetensorsStore(decoder_dir)
   reads = []
@@ -226,9 +300,7 @@ def test_missing_and_unsupported_tensors_are_named(clip, tmp_path):
   with pytest.raises(ValueError, match="model.layers.0.self_attn.o_proj.bias"):
     convert_hf.convert(clip[1], directory, str(tmp_path / "b"), connector=CONNECTOR)
 
-  shared_dir = save(transformers.Qwen2MoeForCausalLM(qwen2_moe_config(shared=16)), tmp_path / "qwen2_moe")
-  with pytest.raises(ValueError, match=r"model.layers.1.mlp.shared_expert.gate_proj.weight.*shared experts"):
-    convert_hf.convert(clip[1], shared_dir, str(tmp_path / "c"), connector=CONNECTOR)
+  tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros(64, np.float32)
   with pytest.raises(ValueError, match="q_norm"):
     hf_import.decoder_config_from_hf(transformers.OlmoeConfig(**DECODER))
   assert not os.path.exists(tmp_path / "a") or not os.listdir(tmp_path / "a")
@@ -260,3 +332,7 @@ def test_upcycle_from_the_command_line(clip, llama, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(experts.down[...])[0, e], dense["model.layers.1.mlp.down_proj.weight"].T)
   assert np.abs(np.asarray(experts.router[...])).max() > 0  # a router exists (arbitrary), experts are identical
   compare_decoder(hf, model, 250)  # so the MoE model computes the dense one
+  for argv, message in [([], "give --vision, --decoder or both"),
+                        (["--decoder", str(tmp_path / "none")], "none has no config.json")]:
+    with pytest.raises(SystemExit, match=f"^mm15 convert-hf: .*{message}"):
+      cli.main(["convert-hf", "--out", str(tmp_path / "x")] + argv)

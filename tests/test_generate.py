@@ -109,3 +109,17 @@ def test_generation_enlarges_tiles_with_extents(model):
   np.testing.assert_array_equal(got, want)
   plain = recompute_greedy(model, tokens, images, image_mask, lengths, 6)
   assert (got != plain).any()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_stream_equals_batched_generation(model, temperature):
+  """Token by token from Python, the same tokens as the one-program loop (greedy, and sampling with one seed)."""
+  tokens, images, image_mask, lengths = prompts()
+  row = (tokens[1:], images[1:], image_mask[1:])  # the unpadded prompt
+  want = np.asarray(generate.sample_generate(model, *row, image_token_id=IMG, eos_id=EOS, max_new_tokens=6,
+                                             prompt_lengths=lengths[1:], temperature=temperature, top_p=0.9,
+                                             seed=3))[0].tolist()
+  want = want[:want.index(EOS)] if EOS in want else want
+  got = list(generate.stream_generate(model, *row, image_token_id=IMG, stop_ids={EOS}, max_new_tokens=6,
+                                      temperature=temperature, top_p=0.9, seed=3))
+  assert got == want and len(got) > 0

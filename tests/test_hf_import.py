@@ -9,7 +9,8 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mm15_jax.models import hf_import, layers  # noqa: E402
+from mm15_jax.convert import hf_import  # noqa: E402
+from mm15_jax.models import layers  # noqa: E402
 from mm15_jax.models.decoder import Decoder  # noqa: E402
 from mm15_jax.models.vit import VisionTransformer  # noqa: E402
 
@@ -90,6 +91,25 @@ def test_llama_and_qwen2_logits(kind, extra):
   assert cfg.qkv_bias == (kind == "qwen2") and cfg.rope_theta == 500.0
   assert cfg.tie_embeddings == bool(extra.get("tie_word_embeddings", False))
   _compare(hf, _decoder_logits(hf, cfg))
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "linear", "factor": 3.0}, {"rope_type": "dynamic", "factor": 2.0}])
+def test_rope_scaling_logits(rope):
+  """Wavelengths of 6 to 900 positions span llama3's three bands (original length 16: bands at 4 and 16); the
+  dynamic kind grows theta because the 12 positions pass max_position_embeddings 8."""
+  common = dict(COMMON, rope_parameters=dict(rope, rope_theta=500.0), max_position_embeddings=8)
+  hf_cfg = transformers.LlamaConfig(**common)
+  torch.manual_seed(0)
+  hf = randomize(transformers.LlamaForCausalLM(hf_cfg), 4)
+  cfg = hf_import.decoder_config_from_hf(hf_cfg)
+  assert cfg.rope_scaling.kind == rope["rope_type"] and cfg.rope_scaling.factor == rope["factor"]
+  _compare(hf, _decoder_logits(hf, cfg))
+  plain = dataclasses.replace(cfg, rope_scaling=None)  # the scaling matters at these positions
+  with pytest.raises(AssertionError):
+    _compare(hf, _decoder_logits(hf, plain))
 
 
 def test_mixtral_logits_both_checkpoint_layouts():

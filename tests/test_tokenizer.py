@@ -7,9 +7,9 @@ from mm15_jax.data import tokenizer as tokenizer_lib
 def test_specials_after_sentencepiece_vocabulary(tok):
   specials = tok.special_tokens
   ids = sorted(specials.values())
-  assert ids == list(range(tok.sp_vocab_size, tok.sp_vocab_size + len(specials)))
+  assert ids == list(range(tok.base_vocab_size, tok.base_vocab_size + len(specials)))
   assert tok.vocab_size % 128 == 0 and tok.vocab_size >= ids[-1] + 1 > tok.vocab_size - 128
-  assert tok.image_id == specials["<image>"] >= tok.sp_vocab_size
+  assert tok.image_id == specials["<image>"] >= tok.base_vocab_size
   assert (tok.bos_id, tok.eos_id) == (1, 2)  # sentencepiece's own control ids are kept
   assert tok.pad_id == specials["<pad>"]     # the model has no pad piece: a special one is added
   assert tok.img_id(1) != tok.img_id(2) and tok.row_id(3) == specials["<row_3>"]
@@ -23,7 +23,7 @@ def test_specials_after_sentencepiece_vocabulary(tok):
 def test_encode_decode_round_trip_and_no_special_parsing(tok):
   for text in ["the cat sat on a mat", "zebra <image> ünïcödé [12, 340]", "two  spaces\nand a newline"]:
     ids = tok.encode(text)
-    assert all(i < tok.sp_vocab_size for i in ids)  # "<image>" in text is plain text
+    assert all(i < tok.base_vocab_size for i in ids)  # "<image>" in text is plain text
     assert tok.decode(ids) == text
   ids = [tok.bos_id, tok.img_start_id, tok.image_id] + tok.encode("red box") + [tok.end_id, tok.eos_id, tok.pad_id]
   assert tok.decode(ids) == "red box"

@@ -1,6 +1,6 @@
 """Decoded record -> one tokenised sample (ids, per-id loss mask, tiles).
 
-Layout: BOS, content, EOS. Each image becomes a block
+Layout: BOS (when the LLM uses one), content, EOS. Each image becomes a block
   <img_start> <img_k> [<row_i> <col_j> <image>*T]... [<overview> <image>*T] <img_end>   (split image)
   <img_start> <img_k> <image>*T <img_end>                                                (unsplit image)
 (ablations, data.split: overview_first puts the overview part before the tiles; tile_markers="separator" drops
@@ -25,9 +25,8 @@ import numpy as np
 from mm15_jax.config import DataConfig, SplitConfig
 from mm15_jax.data import images as images_lib
 from mm15_jax.data import records
-from mm15_jax.data.tokenizer import MAX_IMAGES_PER_SAMPLE, Tokenizer
+from mm15_jax.data.tokenizer import IMAGE_MARK, MAX_IMAGES_PER_SAMPLE, Tokenizer
 
-IMAGE_MARK = "<image>"
 KINDS = ("caption", "interleaved", "text", "ocr", "sft")
 # "[12, 34]" or "[1, 2, 3, 4]": coordinate lists on the 0..1000 grid of the whole image.
 _COORDS = re.compile(r"\[\s*(-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?)+)\s*\]")
@@ -115,8 +114,8 @@ class _Builder:
     raw_images = records.require_field(record, "images", list, where)
     self.raw_images = raw_images
     self.allow_split = n_images <= spec.split.max_images_to_split
-    self.ids: list[int] = [tokenizer.bos_id]
-    self.mask: list[int] = [0]
+    self.ids: list[int] = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    self.mask: list[int] = [0] * len(self.ids)
     self.images: list[images_lib.SplitImage] = []
     self.n_used = 0
 
@@ -145,14 +144,13 @@ class _Builder:
     self.images.append(split)
     return image_block(self.tok, self.n_used, split, self.spec.tokens_per_tile, self.spec.split.tile_markers)
 
-  def content(self, text: str) -> list[int]:
-    """Text with "<image>" marks -> ids (images taken in order)."""
-    ids = []
-    for n, piece in enumerate(text.split(IMAGE_MARK)):
-      if n:
-        ids += self.image(self.n_used)
-      ids += self.text(piece)
-    return ids
+  def chat(self, messages: Sequence[Any], *, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """Messages through the tokenizer's chat template, images in place of their "<image>" marks (in order)."""
+    for message in messages:
+      if isinstance(message, dict) and isinstance(message.get("content"), str):
+        check_coordinates(message["content"], self.where)
+    return self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        image_ids=lambda: self.image(self.n_used), where=self.where)
 
   def finish(self, *, eos: bool, max_ids: int) -> Sample:
     if eos:
@@ -205,7 +203,7 @@ def make_sample(record: dict, tokenizer: Tokenizer, spec: SampleSpec, *, where: 
     _check_image_marks(messages, len(images), where)
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
       raise ValueError(f"{where}: sft record without an assistant turn")
-    turn_ids, trained = tokenizer.apply_chat_template(messages, encode_content=b.content, where=where)
+    turn_ids, trained = b.chat(messages)
     b.ids += turn_ids
     b.mask += trained
   return b.finish(eos=True, max_ids=spec.seq_len + 1)
@@ -234,7 +232,6 @@ def encode_prompt(record: dict, tokenizer: Tokenizer, spec: SampleSpec, *, n_max
   images = records.require_field(record, "images", list, where)
   _check_image_marks(messages, len(images), where)
   b = _Builder(record, tokenizer, spec, where, n_images=len(images), n_max=n_max)
-  turn_ids, _ = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, encode_content=b.content,
-                                              where=where)
+  turn_ids, _ = b.chat(prompt, add_generation_prompt=True)
   b.add(turn_ids, trained=False)
   return b.finish(eos=False, max_ids=spec.seq_len)

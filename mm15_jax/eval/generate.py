@@ -3,10 +3,12 @@
 Prompts are right-padded: row b's prompt is tokens[b, :prompt_lengths[b]]. Output: [B, max_new_tokens] int32, the
 generated tokens of each row; a row that produced `eos_id` is filled with `eos_id` from there on (cut at the first
 eos). The loop stops early once every row is done. Everything runs in one jitted function per set of shapes.
+`stream_generate` takes the same steps for one prompt, yielding each token as it is produced.
 """
 from __future__ import annotations
 
 import functools
+from typing import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -89,3 +91,48 @@ def _generate(graphdef, state, tokens_BT, images, image_mask, image_extent, prom
 
   carry = (jnp.ones((), jnp.int32), first_B, cache, out_BN, first_B == eos_id, rng)
   return jax.lax.while_loop(cond, body, carry)[3]
+
+
+def stream_generate(model, tokens_1T, images, image_mask, *, image_token_id: int, stop_ids: Iterable[int],
+                    max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                    image_extent=None) -> Iterator[int]:
+  """One prompt ([1, T], no padding) -> its new tokens one at a time as they are produced (for a terminal); ends
+  before the first stop id or after max_new_tokens. The same steps as sample_generate, driven from Python."""
+  if max_new_tokens < 1:
+    raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+  if not 0.0 < top_p <= 1.0 or temperature < 0.0:
+    raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+  tokens_1T = jnp.asarray(tokens_1T, jnp.int32)
+  t = tokens_1T.shape[1]
+  graphdef, state = nnx.split(model)
+  sampling = dict(temperature=float(temperature), top_p=float(top_p))
+  rng, key = jax.random.split(jax.random.key(seed))
+  token_1, cache = _prefill_pick(graphdef, state, tokens_1T, images, image_mask, image_extent, key,
+                                 image_token_id=image_token_id, max_len=t + max_new_tokens, **sampling)
+  stop = set(int(i) for i in stop_ids)
+  for i in range(max_new_tokens):
+    token = int(token_1[0])
+    if token in stop:
+      return
+    yield token
+    if i + 1 < max_new_tokens:
+      rng, key = jax.random.split(rng)
+      token_1, cache = _decode_pick(graphdef, state, token_1, jnp.full((1,), t + i, jnp.int32), cache, key,
+                                    **sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "image_token_id", "max_len", "temperature", "top_p"))
+def _prefill_pick(graphdef, state, tokens_1T, images, image_mask, image_extent, key, *, image_token_id, max_len,
+                  temperature, top_p):
+  model = nnx.merge(graphdef, state)
+  t = tokens_1T.shape[1]
+  positions_1T = jnp.arange(t, dtype=jnp.int32)[None]
+  logits_1TV, cache = model.prefill(tokens_1T, images, image_mask, jnp.ones_like(tokens_1T), positions_1T,
+                                    image_token_id=image_token_id, max_len=max_len, image_extent=image_extent)
+  return pick_token(logits_1TV[:, -1], key, temperature, top_p), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_p"), donate_argnames=("cache",))
+def _decode_pick(graphdef, state, token_1, position_1, cache, key, *, temperature, top_p):
+  logits_1V, cache = nnx.merge(graphdef, state).decode(token_1, position_1, cache)
+  return pick_token(logits_1V, key, temperature, top_p), cache

@@ -22,14 +22,16 @@ KV cache (generation): {"k", "v": [units, every, B, S, kv_heads, head_dim], "val
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import math
 import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mm15_jax.config import DecoderConfig
+from mm15_jax.config import DecoderConfig, RopeScaling
 from mm15_jax.models import layers
 from mm15_jax.models.moe import MoEFeedForward
 from mm15_jax.sharding import constrain
@@ -39,10 +41,36 @@ NEG_INF = float(jnp.finfo(jnp.float32).min)
 AUX_KEYS = ("moe_load_balance_loss", "moe_z_loss", "moe_drop_rate")
 
 
-def rope(x_BTHK, positions_BT, theta: float):
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None, positions_BT=None):
+  """RoPE's inverse frequencies [head_dim // 2], as transformers computes them for each rope_type."""
+  exponents = jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim
+  if scaling is None:
+    return 1.0 / theta ** exponents
+  if scaling.kind == "dynamic":  # NTK-aware theta for the longest position of this call (as HF's dynamic update)
+    seq_len = jnp.maximum(jnp.max(positions_BT).astype(jnp.float32) + 1.0, scaling.original_max_len)
+    grown = scaling.factor * seq_len / scaling.original_max_len - (scaling.factor - 1.0)
+    return 1.0 / (theta * grown ** (head_dim / (head_dim - 2))) ** exponents
+  inv_freq = 1.0 / theta ** exponents
+  if scaling.kind == "linear":
+    return inv_freq / scaling.factor
+  if scaling.kind != "llama3":
+    raise ValueError(f"config key model.decoder.rope_scaling.kind {scaling.kind!r} is not one of linear, dynamic, "
+                     f"llama3")
+  wavelen = 2 * math.pi / inv_freq
+  low_freq_wavelen = scaling.original_max_len / scaling.low_freq_factor
+  high_freq_wavelen = scaling.original_max_len / scaling.high_freq_factor
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = ((scaling.original_max_len / wavelen - scaling.low_freq_factor)
+            / (scaling.high_freq_factor - scaling.low_freq_factor))
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope(x_BTHK, positions_BT, theta: float, scaling: RopeScaling | None = None):
   """Rotary embedding, HF Llama layout (rotate_half over the two halves of head_dim)."""
   half = x_BTHK.shape[-1] // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x_BTHK.shape[-1]))
+  inv_freq = rope_inv_freq(x_BTHK.shape[-1], theta, scaling, positions_BT)
   freqs_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
   emb = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)[:, :, None, :]
   cos, sin = jnp.cos(emb).astype(x_BTHK.dtype), jnp.sin(emb).astype(x_BTHK.dtype)
@@ -195,6 +223,8 @@ class Attention(nnx.Module):
       self.k_bias = mk((g, hd), ("kv_heads", "head_dim"), layers.zeros_init)
       self.v_bias = mk((g, hd), ("kv_heads", "head_dim"), layers.zeros_init)
     self.theta = cfg.rope_theta
+    # A tuple, not the config object: the graphdef (a static jit argument) must stay hashable.
+    self.rope_scaling = None if cfg.rope_scaling is None else dataclasses.astuple(cfg.rope_scaling)
     self.dtype = dtype
 
   def qkv(self, x_BTD, positions_BT):
@@ -203,8 +233,9 @@ class Attention(nnx.Module):
     q, k, v = proj(self.q), proj(self.k), proj(self.v)
     if self.use_bias:
       q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
-    q = constrain(rope(q, positions_BT, self.theta), ("batch", "length", "heads", "head_dim"))
-    k = constrain(rope(k, positions_BT, self.theta), ("batch", "length", "kv_heads", "head_dim"))
+    scaling = None if self.rope_scaling is None else RopeScaling(*self.rope_scaling)
+    q = constrain(rope(q, positions_BT, self.theta, scaling), ("batch", "length", "heads", "head_dim"))
+    k = constrain(rope(k, positions_BT, self.theta, scaling), ("batch", "length", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     return q, k, v
 

@@ -1,7 +1,9 @@
 """Sparse Mixture-of-Experts SwiGLU FFN (top-k routing), dropless by default.
 
 Routing (Mixtral convention): router logits in float32, softmax over all experts, keep the top-k probabilities and
-renormalise them to sum to 1; a token's output is the weighted sum of its k experts' SwiGLU outputs.
+renormalise them to sum to 1 (`norm_topk=False`: keep them as they are, Qwen2-MoE's option); a token's output is the
+weighted sum of its k experts' SwiGLU outputs. With `shared_expert_dim` > 0 (Qwen2-MoE), a shared SwiGLU expert that
+every token passes through is added, scaled by sigmoid(x . shared_gate).
 
 Dropless mode (capacity_factor == 0): the token-expert assignments are sorted by expert and every expert runs one
 grouped matmul (models/grouped.py: jax.lax.ragged_dot on TPU/GPU, a loop over row chunks on CPU) over exactly its
@@ -50,13 +52,18 @@ class MoEFeedForward(nnx.Module):
     self.down = layers.param(rngs, layers.fan_in_init(f), (e, f, d_model), ("expert", "expert_mlp", "embed"),
                              param_dtype)
     self.dtype = dtype
+    self.norm_topk = cfg.norm_topk
+    self.shared = SharedExpert(d_model, cfg.shared_expert_dim, dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs) if cfg.shared_expert_dim else None
 
   def route(self, x_ND):
-    """-> (router logits [N, E] f32, expert ids [N, k], renormalised weights [N, k] f32)."""
+    """-> (router logits [N, E] f32, expert ids [N, k], (renormalised) weights [N, k] f32)."""
     logits_NE = jnp.einsum("nd,de->ne", x_ND.astype(jnp.float32), self.router[...].astype(jnp.float32))
     probs_NE = jax.nn.softmax(logits_NE, axis=-1)
     top_p_NK, top_e_NK = jax.lax.top_k(probs_NE, self.top_k)
-    return logits_NE, top_e_NK, top_p_NK / top_p_NK.sum(-1, keepdims=True)
+    if self.norm_topk:
+      top_p_NK = top_p_NK / top_p_NK.sum(-1, keepdims=True)
+    return logits_NE, top_e_NK, top_p_NK
 
   def __call__(self, x_BTD, token_mask_BT=None):
     """-> (y [B, T, D], aux {moe_load_balance_loss, moe_z_loss, moe_drop_rate})."""
@@ -71,7 +78,10 @@ class MoEFeedForward(nnx.Module):
     y_ND = jnp.einsum("nkd,nk->nd", out_NKD, weights_NK.astype(self.dtype))
     aux = self.aux_losses(logits_NE, experts_NK, mask_N)
     aux["moe_drop_rate"] = drop_rate
-    return constrain(y_ND.reshape(b, t, d), ("batch", "length", "embed")), aux
+    y_BTD = y_ND.reshape(b, t, d)
+    if self.shared is not None:
+      y_BTD = y_BTD + self.shared(x_BTD)
+    return constrain(y_BTD, ("batch", "length", "embed")), aux
 
   def aux_losses(self, logits_NE, experts_NK, mask_N):
     e, k = self.num_experts, self.top_k
@@ -149,6 +159,20 @@ def _dropless(x_ND, experts_NK, gate_EDF, up_EDF, down_EFD, *, num_experts: int,
   out_AD = matmul(h_AF, down_EFD)
   out_AD = jnp.zeros_like(out_AD).at[order].set(out_AD)  # back to (token, choice) order
   return out_AD.reshape(n, k, -1)
+
+
+class SharedExpert(nnx.Module):
+  """A SwiGLU expert every token passes through, scaled by a sigmoid gate of the token (Qwen2-MoE)."""
+
+  def __init__(self, d_model: int, ffn_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.ffn = layers.SwiGLU(d_model, ffn_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate = layers.param(rngs, layers.fan_in_init(d_model), (d_model, 1), ("embed", None), param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, x_BTD):
+    x_BTD = x_BTD.astype(self.dtype)
+    gate_BT1 = jax.nn.sigmoid(layers.project(x_BTD, self.gate[...].astype(self.dtype)))
+    return gate_BT1 * self.ffn(x_BTD)
 
 
 def upcycle(dense: layers.SwiGLU, cfg: MoEConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32) -> MoEFeedForward:

@@ -98,3 +98,22 @@ def restore_params(directory: str, like_params, step: int | None = None):
 def read_meta(directory: str, step: int | None = None) -> dict:
   """The JSON metadata (model config, stage, step) of a checkpoint, without touching its arrays."""
   return _restore_item(directory, "meta", ocp.JsonCheckpointHandler(), ocp.args.JsonRestore(), step)
+
+
+def save_params(directory: str, params, meta: dict[str, Any], step: int = 0) -> None:
+  """Parameters and meta only, as `<directory>/<step>/{params, meta}` (an imported model that a stage initialises
+  from): readable by restore_params / read_meta. Refuses a directory that already holds a checkpoint."""
+  directory = os.path.abspath(directory)
+  # Each replicated shard is written by one replica: replica-parallel writes would compile a slicing program per
+  # parameter, which costs more than it saves in a one-off write.
+  arrays = ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
+  options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+  manager = ocp.CheckpointManager(directory, options=options, item_handlers={
+      "params": ocp.PyTreeCheckpointHandler(type_handler_registry=arrays), "meta": ocp.JsonCheckpointHandler()})
+  if manager.latest_step() is not None:
+    manager.close()
+    raise FileExistsError(f"{directory} already holds a checkpoint (step {manager.latest_step()}); choose a new --out")
+  manager.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(pure(params)), meta=ocp.args.JsonSave(meta)))
+  manager.wait_until_finished()
+  manager.close()

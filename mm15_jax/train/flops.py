@@ -71,6 +71,8 @@ def decoder_forward_flops(d: DecoderConfig, *, seq_len: int, causal_attention: b
   moe_ffn = 0
   if d.moe is not None:
     moe_ffn = 2 * d.d_model * d.moe.num_experts + d.moe.top_k * 2 * 3 * d.d_model * (d.moe.ffn_dim or d.ffn_dim)
+    if d.moe.shared_expert_dim:  # its SwiGLU and its gate
+      moe_ffn += 2 * 3 * d.d_model * d.moe.shared_expert_dim + 2 * d.d_model
   per_token = d.num_layers * per_token_proj + (d.num_layers - num_moe) * dense_ffn + num_moe * moe_ffn
   per_token += 2 * d.d_model * d.vocab_size  # LM head
   return seq_len * per_token + d.num_layers * attn_core

@@ -6,14 +6,17 @@
     # then: stages.pretrain.init_from=ckpt/hf-init
 
 Inputs are directories in HF layout (config.json + *.safetensors, with or without model.safetensors.index.json):
-a CLIPVisionModel or full CLIPModel (vision_model.* prefix) and a Llama, Qwen2, Mixtral or Qwen2-MoE decoder.
+a CLIPVisionModel or full CLIPModel (vision_model.* prefix), or an open_clip directory (open_clip_config.json +
+open_clip_model.safetensors / open_clip_pytorch_model.bin, convert/open_clip.py); and a Llama (Llama 3 RoPE scaling
+included), Qwen2, Mixtral or Qwen2-MoE (shared expert included) decoder. Either may be left out (`--model PRESET`
+then gives that part's shape and it is initialised at random).
 Output: `<out>/0/{params, meta}` in the layout of train/checkpoint.py, meta = {"model": ModelConfig as dict,
 "step": 0, "source": {...}}.
 
 Sharded: the parameters are created directly on a mesh (abstract shapes, shardings from the logical axis names) and
 every device's shard is read from the safetensors files on its own (safe_open(...).get_slice through
 jax.make_array_from_callback), so no host ever holds the whole model; at most the addressable part of one parameter
-is on the host at a time. Orbax writes the checkpoint from those sharded arrays.
+is on the host at a time. train/checkpoint.py writes the checkpoint from those sharded arrays.
 
 Not in the HF checkpoints, so freshly initialised (seed): the connector (as a new CAbstractor) and, when upcycling,
 the routers (the MoE layer's initialiser).
@@ -33,19 +36,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
 from mm15_jax import config as config_lib
 from mm15_jax import sharding
-from mm15_jax.config import ConnectorConfig, MeshConfig, ModelConfig, MoEConfig
-from mm15_jax.models import hf_import, layers
+from mm15_jax.config import ConnectorConfig, MeshConfig, ModelConfig, MoEConfig, VisionConfig
+from mm15_jax.convert import hf_import, open_clip
+from mm15_jax.models import layers
 from mm15_jax.models.connector import CAbstractor
+from mm15_jax.models.multimodal import MultimodalModel
+from mm15_jax.train import checkpoint
 from mm15_jax.train import state as state_lib
 
 NEW_ROWS = "mean of the checkpoint's rows (embedding and LM head separately)"
@@ -70,26 +74,48 @@ def read_hf_config(directory: str, *, vision: bool):
 
 
 def resolve_vocab_size(hf_vocab: int, vocab_size: int = 0, tokenizer: str = "") -> int:
-  """Rows of the converted embedding: explicit, the tokenizer's, or the HF vocabulary rounded up to 128."""
+  """Rows of the converted embedding: explicit, or the larger of the tokenizer's and the HF vocabulary rounded up to
+  128 (an LLM's embedding often has spare rows past its tokenizer: the project's specials may sit there)."""
   if vocab_size and tokenizer:
     raise ValueError("give --vocab-size or --tokenizer, not both")
+  rounded = -(-hf_vocab // 128) * 128
   if tokenizer:
     from mm15_jax.data.tokenizer import Tokenizer
     tok = Tokenizer(tokenizer)
-    if tok.sp_vocab_size > hf_vocab:
-      raise ValueError(f"tokenizer {tokenizer} has {tok.sp_vocab_size} pieces, more than the decoder's {hf_vocab} "
+    if tok.base_vocab_size > hf_vocab:
+      raise ValueError(f"tokenizer {tokenizer} has {tok.base_vocab_size} tokens, more than the decoder's {hf_vocab} "
                        f"embedding rows: it is not this LLM's tokenizer")
-    vocab_size = tok.vocab_size
-  vocab_size = vocab_size or -(-hf_vocab // 128) * 128
+    vocab_size = max(tok.vocab_size, rounded)
+  vocab_size = vocab_size or rounded
   if vocab_size < hf_vocab:
     raise ValueError(f"--vocab-size {vocab_size} is smaller than the decoder's vocabulary ({hf_vocab})")
   return vocab_size
 
 
-def model_config(vision_hf, decoder_hf, *, connector: ConnectorConfig, vocab_size: int = 0, tokenizer: str = "",
-                 upcycle: MoEConfig | None = None, feature_layer: int = -1) -> tuple[ModelConfig, int]:
-  """(ModelConfig of the converted model, the HF vocabulary size)."""
-  vision = dataclasses.replace(hf_import.vision_config_from_hf(vision_hf), feature_layer=feature_layer)
+def read_vision_config(directory: str) -> VisionConfig:
+  """The ViT of an HF CLIP directory (config.json) or an open_clip one (open_clip_config.json)."""
+  if open_clip.is_open_clip(directory):
+    return open_clip.vision_config(directory)
+  return hf_import.vision_config_from_hf(read_hf_config(directory, vision=True))
+
+
+def open_vision_store(directory: str):
+  return open_clip.open_store(directory) if open_clip.is_open_clip(directory) else hf_import.SafetensorsStore(directory)
+
+
+def model_config(vision: VisionConfig | None, decoder_hf, *, connector: ConnectorConfig, vocab_size: int = 0,
+                 tokenizer: str = "", upcycle: MoEConfig | None = None, feature_layer: int = -1,
+                 base: ModelConfig | None = None) -> tuple[ModelConfig, int]:
+  """(ModelConfig of the converted model, the HF vocabulary size; 0 without an HF decoder). A part without a
+  checkpoint (vision or decoder_hf None) takes its config from `base` and is initialised at random."""
+  if (vision is None or decoder_hf is None) and base is None:
+    raise ValueError("a vision-only or decoder-only import takes the other part's shape from --model PRESET")
+  vision = dataclasses.replace(vision if vision is not None else base.vision, feature_layer=feature_layer)
+  if decoder_hf is None:
+    if upcycle is not None or tokenizer:
+      raise ValueError("--upcycle and --tokenizer apply to an imported decoder (--decoder)")
+    decoder = dataclasses.replace(base.decoder, vocab_size=vocab_size or base.decoder.vocab_size)
+    return ModelConfig(vision=vision, connector=connector, decoder=decoder), 0
   decoder = hf_import.decoder_config_from_hf(decoder_hf)
   hf_vocab = decoder.vocab_size
   decoder.vocab_size = resolve_vocab_size(hf_vocab, vocab_size, tokenizer)
@@ -105,15 +131,21 @@ def model_config(vision_hf, decoder_hf, *, connector: ConnectorConfig, vocab_siz
 
 
 def _fresh_params(cfg: ModelConfig, targets: dict, shardings: dict, seed: int) -> dict[tuple, jax.Array]:
-  """Parameters no checkpoint has, built in their shards: the connector as a fresh CAbstractor initialises it, and
-  (upcycling) the routers with the MoE layer's initialiser (normal, std 1/sqrt(d_model))."""
+  """Parameters no checkpoint has, built in their shards: the connector as a fresh CAbstractor initialises it,
+  (upcycling) the routers with the MoE layer's initialiser (normal, std 1/sqrt(d_model)), and a vision tower or
+  decoder without a checkpoint as the model initialises it."""
   paths = list(targets)
+  whole_parts = {p[0] for p in paths if p[0] in ("vision", "decoder") and p[-2:] != ("ffn", "router")}
 
   def init():
     connector = CAbstractor(cfg.connector, in_dim=cfg.vision.width, out_dim=cfg.decoder.d_model,
                             grid_side=cfg.vision.image_size // cfg.vision.patch_size, dtype=cfg.dtype,
                             param_dtype=cfg.param_dtype, rngs=nnx.Rngs(seed))
     fresh = {("connector",) + p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(connector, nnx.Param))}
+    if whole_parts:  # unused parts of the model are dropped by the compiler
+      model = MultimodalModel(cfg, rngs=nnx.Rngs(seed))
+      fresh.update({p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                    if p[0] in whole_parts})
     router_init = layers.fan_in_init(cfg.decoder.d_model)
     for i, path in enumerate(paths):
       if path not in fresh:  # a router [units, d_model, experts]
@@ -143,17 +175,25 @@ def _read_sharded(source, shape, dtype, named_sharding) -> jax.Array:
 
 def import_params(cfg: ModelConfig, vision_store, decoder_store, mesh: Mesh, *, upcycle: bool = False,
                   seed: int = 0) -> nnx.State:
-  """The converted parameters as an nnx.State of arrays sharded on `mesh` by their logical axis names."""
+  """The converted parameters as an nnx.State of arrays sharded on `mesh` by their logical axis names. A store that
+  is None leaves its part (vision or decoder) to the model's initialiser."""
   _, abstract, _ = state_lib.abstract_model(cfg, seed)
   shardings = {p: v.get_value() if isinstance(v, nnx.Variable) else v
                for p, v in nnx.to_flat_state(state_lib.param_shardings(abstract, mesh))}
   targets = dict(nnx.to_flat_state(abstract))
-  sources = {("vision",) + p: s for p, s in hf_import.clip_vision_sources(vision_store, cfg.vision).items()}
-  sources.update({("decoder",) + p: s
-                  for p, s in hf_import.decoder_sources(decoder_store, cfg.decoder, upcycle=upcycle).items()})
+  sources = {}
+  if vision_store is not None:
+    vision_sources = (open_clip.vision_sources if open_clip.holds_open_clip(vision_store)
+                      else hf_import.clip_vision_sources)
+    sources.update({("vision",) + p: s for p, s in vision_sources(vision_store, cfg.vision).items()})
+  if decoder_store is not None:
+    sources.update({("decoder",) + p: s
+                    for p, s in hf_import.decoder_sources(decoder_store, cfg.decoder, upcycle=upcycle).items()})
+  random_parts = {"connector"} | {name for name, store in (("vision", vision_store), ("decoder", decoder_store))
+                                  if store is None}
 
   def is_random(path):
-    return path[0] == "connector" or (upcycle and path[0] == "decoder" and path[-2:] == ("ffn", "router"))
+    return path[0] in random_parts or (upcycle and path[0] == "decoder" and path[-2:] == ("ffn", "router"))
 
   hf_import.check_shapes({p: tuple(v.shape) for p, v in targets.items()}, sources, "HF import", is_random)
   values = _fresh_params(cfg, {p: v for p, v in targets.items() if p not in sources}, shardings, seed)
@@ -165,41 +205,29 @@ def import_params(cfg: ModelConfig, vision_store, decoder_store, mesh: Mesh, *, 
   return abstract
 
 
-def save_checkpoint(directory: str, params: nnx.State, meta: dict[str, Any], step: int = 0) -> None:
-  """`<directory>/<step>/{params, meta}`, readable by train.checkpoint.restore_params / read_meta."""
-  directory = os.path.abspath(directory)
-  # Each replicated shard is written by one replica: replica-parallel writes would compile a slicing program per
-  # parameter, which costs more than it saves in a one-off write.
-  arrays = ocp.type_handlers.create_type_handler_registry(
-      (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
-  options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-  manager = ocp.CheckpointManager(directory, options=options, item_handlers={
-      "params": ocp.PyTreeCheckpointHandler(type_handler_registry=arrays), "meta": ocp.JsonCheckpointHandler()})
-  if manager.latest_step() is not None:
-    manager.close()
-    raise FileExistsError(f"{directory} already holds a checkpoint (step {manager.latest_step()}); choose a new --out")
-  manager.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(nnx.to_pure_dict(params)),
-                                             meta=ocp.args.JsonSave(meta)))
-  manager.wait_until_finished()
-  manager.close()
-
-
 def convert(vision_dir: str, decoder_dir: str, out_dir: str, *, connector: ConnectorConfig | None = None,
             vocab_size: int = 0, tokenizer: str = "", upcycle: MoEConfig | None = None, feature_layer: int = -1,
-            mesh: Mesh | None = None, seed: int = 0) -> ModelConfig:
-  """Converts and writes the checkpoint; returns its ModelConfig. mesh: default all devices on the fsdp axis."""
-  cfg, hf_vocab = model_config(read_hf_config(vision_dir, vision=True), read_hf_config(decoder_dir, vision=False),
+            mesh: Mesh | None = None, seed: int = 0, base: ModelConfig | None = None) -> ModelConfig:
+  """Converts and writes the checkpoint; returns its ModelConfig. mesh: default all devices on the fsdp axis.
+  vision_dir or decoder_dir "": that part is initialised at random in the shape `base` gives it."""
+  if not vision_dir and not decoder_dir:
+    raise ValueError("give --vision, --decoder or both")
+  cfg, hf_vocab = model_config(read_vision_config(vision_dir) if vision_dir else None,
+                               read_hf_config(decoder_dir, vision=False) if decoder_dir else None,
                                connector=connector or ConnectorConfig(), vocab_size=vocab_size, tokenizer=tokenizer,
-                               upcycle=upcycle, feature_layer=feature_layer)
+                               upcycle=upcycle, feature_layer=feature_layer, base=base)
   mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=1, fsdp=-1))
-  params = import_params(cfg, hf_import.SafetensorsStore(vision_dir), hf_import.SafetensorsStore(decoder_dir),
+  params = import_params(cfg, open_vision_store(vision_dir) if vision_dir else None,
+                         hf_import.SafetensorsStore(decoder_dir) if decoder_dir else None,
                          mesh, upcycle=upcycle is not None, seed=seed)
-  random_parts = ["connector"] + (["decoder MoE routers"] if upcycle is not None else [])
+  random_parts = (["connector"] + (["decoder MoE routers"] if upcycle is not None else [])
+                  + (["vision"] if not vision_dir else []) + (["decoder"] if not decoder_dir else []))
+  source = lambda d: os.path.abspath(d) if d else None
   meta = {"model": config_lib.to_dict(cfg), "step": 0,
-          "source": {"vision": os.path.abspath(vision_dir), "decoder": os.path.abspath(decoder_dir),
+          "source": {"vision": source(vision_dir), "decoder": source(decoder_dir),
                      "hf_vocab_size": hf_vocab, "vocab_size": cfg.decoder.vocab_size, "new_vocab_rows": NEW_ROWS,
                      "upcycled": upcycle is not None, "random_init": random_parts, "seed": seed}}
-  save_checkpoint(out_dir, params, meta)
+  checkpoint.save_params(out_dir, params, meta)
   return cfg
 
 
@@ -212,8 +240,12 @@ def command(a) -> None:
     raise SystemExit("--moe-experts turns a dense decoder into MoE only together with --upcycle")
   mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=a.fsdp, tensor=a.tensor, expert=a.expert))
   connector = ConnectorConfig(hidden=a.connector_hidden, depth=a.connector_depth, pooled_side=a.pooled_side)
+  base = None
+  if a.model:
+    from mm15_jax.configs import models
+    base = models.get(a.model)
   cfg = convert(a.vision, a.decoder, a.out, connector=connector, vocab_size=a.vocab_size, tokenizer=a.tokenizer,
-                upcycle=upcycle, feature_layer=a.feature_layer, mesh=mesh, seed=a.seed)
+                upcycle=upcycle, feature_layer=a.feature_layer, mesh=mesh, seed=a.seed, base=base)
   from mm15_jax.models.count import count
   n = count(cfg)
   print(json.dumps({"out": os.path.abspath(a.out), "decoder_vocab": cfg.decoder.vocab_size,

@@ -4,7 +4,7 @@ Tensors come from a tensor store: `DictStore` (a state dict of arrays, e.g. torc
 (a directory of .safetensors files, read lazily block by block). The mapping (`clip_vision_sources`,
 `decoder_sources`) gives, for every target parameter path, a `Source` that reads any rectangular block of the target
 array: transposes, head splits, layer and expert stacking happen on the block, so a sharded import reads each
-device's shard on its own (models/convert_hf.py). `load_clip_vision` / `load_hf_decoder` fill a live module.
+device's shard on its own (convert/convert_hf.py). `load_clip_vision` / `load_hf_decoder` fill a live module.
 
 MoE layouts: Mixtral on disk (`block_sparse_moe.experts.{e}.w1/w2/w3`), Qwen2-MoE on disk
 (`mlp.experts.{e}.gate_proj/up_proj/down_proj`), and the fused in-memory one of recent transformers
@@ -24,7 +24,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors' num
 import numpy as np
 from flax import nnx
 
-from mm15_jax.config import DecoderConfig, MoEConfig, VisionConfig
+from mm15_jax.config import DecoderConfig, MoEConfig, RopeScaling, VisionConfig
 
 StateDict = Mapping[str, Any]
 Path = tuple  # a parameter path inside a module, e.g. ("units", "blocks", 0, "attn", "q")
@@ -59,23 +59,24 @@ class DictStore:
 
 
 class SafetensorsStore:
-  """The *.safetensors files of a directory (with or without model.safetensors.index.json), memory-mapped.
+  """The *.safetensors files of a directory (with or without model.safetensors.index.json; or the given `files`),
+  memory-mapped.
 
   `read` goes through safe_open(...).get_slice: only the requested block is read from disk.
   """
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, files: list[str] | None = None):
     from safetensors import safe_open
     self.directory = directory
     index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.exists(index):
+    if files is None and os.path.exists(index):
       with open(index) as f:
         files = sorted(set(json.load(f)["weight_map"].values()))
       files = [os.path.join(directory, name) for name in files]
       for path in files:
         if not os.path.exists(path):
           raise FileNotFoundError(f"{index} lists {os.path.basename(path)}, which is not in {directory}")
-    else:
+    elif files is None:
       files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
       raise FileNotFoundError(f"no .safetensors files in {directory}")
@@ -290,15 +291,28 @@ def vision_config_from_hf(c) -> VisionConfig:
                       act=acts[c.hidden_act], layer_norm_eps=c.layer_norm_eps, pre_norm=True)
 
 
-def _rope_theta(c) -> float:
+def _rope(c) -> tuple[float, RopeScaling | None]:
+  """(rope_theta, the scaling of HF rope_parameters: none, linear, dynamic or llama3)."""
   params = getattr(c, "rope_parameters", None) or {}
   kind = params.get("rope_type", "default")
-  if kind != "default":
-    raise ValueError(f"rope_type {kind!r} is not supported (only plain RoPE)")
   theta = params.get("rope_theta", getattr(c, "rope_theta", None))
   if theta is None:
     raise ValueError("HF config has no rope_theta")
-  return float(theta)
+  if params.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ValueError(f"rope partial_rotary_factor {params['partial_rotary_factor']} is not supported (1.0 only)")
+  if kind == "default":
+    return float(theta), None
+  if kind == "linear":
+    return float(theta), RopeScaling(kind="linear", factor=float(params["factor"]))
+  if kind == "dynamic":  # transformers grows theta past max_position_embeddings
+    return float(theta), RopeScaling(kind="dynamic", factor=float(params["factor"]),
+                                     original_max_len=int(c.max_position_embeddings))
+  if kind == "llama3":
+    return float(theta), RopeScaling(kind="llama3", factor=float(params["factor"]),
+                                     low_freq_factor=float(params["low_freq_factor"]),
+                                     high_freq_factor=float(params["high_freq_factor"]),
+                                     original_max_len=int(params["original_max_position_embeddings"]))
+  raise ValueError(f"rope_type {kind!r} is not supported (default, linear, dynamic, llama3)")
 
 
 DECODER_TYPES = ("llama", "qwen2", "mixtral", "qwen2_moe")
@@ -325,16 +339,16 @@ def decoder_config_from_hf(c) -> DecoderConfig:
     if c.mlp_only_layers:
       raise ValueError(f"qwen2_moe mlp_only_layers={c.mlp_only_layers} is not supported (MoE every "
                        f"decoder_sparse_step-th layer only)")
-    if not c.norm_topk_prob:
-      raise ValueError("qwen2_moe norm_topk_prob=False is not supported: the router renormalises its top-k weights")
     moe = MoEConfig(num_experts=c.num_experts, top_k=c.num_experts_per_tok, every=c.decoder_sparse_step,
-                    ffn_dim=c.moe_intermediate_size)
+                    ffn_dim=c.moe_intermediate_size, norm_topk=bool(c.norm_topk_prob),
+                    shared_expert_dim=c.shared_expert_intermediate_size or 0)
   head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+  theta, scaling = _rope(c)
   return DecoderConfig(
       vocab_size=c.vocab_size, d_model=c.hidden_size, num_layers=c.num_hidden_layers,
       num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
       head_dim=0 if head_dim == c.hidden_size // c.num_attention_heads else head_dim,
-      ffn_dim=c.intermediate_size, rope_theta=_rope_theta(c), rms_eps=c.rms_norm_eps,
+      ffn_dim=c.intermediate_size, rope_theta=theta, rope_scaling=scaling, rms_eps=c.rms_norm_eps,
       tie_embeddings=bool(c.tie_word_embeddings),
       qkv_bias=kind == "qwen2" or bool(getattr(c, "qkv_bias", False)) or bool(getattr(c, "attention_bias", False)),
       max_len=getattr(c, "max_position_embeddings", 4096), moe=moe)
@@ -406,14 +420,17 @@ def _moe_ffn(store, p: str, num_experts: int) -> dict[Path, Any]:
           ("ffn", "gate"): experts("gate"), ("ffn", "up"): experts("up"), ("ffn", "down"): experts("down")}
 
 
-def _shared_expert_tensors(store, p: str) -> list[str]:
-  """Qwen2-MoE's shared expert of layer prefix `p`: an error when it has weights; its empty tensors are skipped."""
+def _shared_expert(store, p: str) -> dict[Path, View]:
+  """Qwen2-MoE's sigmoid-gated shared expert of layer prefix `p`."""
+  g = lambda k: View(store, f"{p}mlp.shared_expert.{k}.weight", perm=(1, 0))
+  return {("ffn", "shared", "ffn", "gate"): g("gate_proj"), ("ffn", "shared", "ffn", "up"): g("up_proj"),
+          ("ffn", "shared", "ffn", "down"): g("down_proj"),
+          ("ffn", "shared", "gate"): View(store, f"{p}mlp.shared_expert_gate.weight", perm=(1, 0))}
+
+
+def _empty_shared_expert(store, p: str) -> list[str]:
+  """Tensors of a zero-width shared expert (shared_expert_intermediate_size 0): skipped, their output is zero."""
   names = [f"{p}mlp.shared_expert.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
-  for name in names:
-    if name in store and np.prod(store.shape(name)) > 0:
-      raise ValueError(f"tensor {name!r} of shape {store.shape(name)}: shared experts (Qwen2-MoE "
-                       f"shared_expert_intermediate_size > 0) are not supported; the decoder's MoE has none")
-  # With an empty shared expert the sigmoid gate multiplies zeros: it has no effect either.
   return [n for n in names + [f"{p}mlp.shared_expert_gate.weight"] if n in store]
 
 
@@ -457,7 +474,10 @@ def decoder_sources(store, cfg: DecoderConfig, *, upcycle: bool = False) -> dict
         block.update({k: Stack([v] * cfg.moe.num_experts) for k, v in _dense_ffn(store, p).items()})
       elif use_moe:
         block.update(_moe_ffn(store, p, cfg.moe.num_experts))
-        ignored.extend(_shared_expert_tensors(store, p))
+        if cfg.moe.shared_expert_dim:
+          block.update(_shared_expert(store, p))
+        else:
+          ignored.extend(_empty_shared_expert(store, p))
       else:
         block.update(_dense_ffn(store, p))
       vals.update({(j,) + k: v for k, v in block.items()})
@@ -500,7 +520,9 @@ def decoder_layout(decoder) -> DecoderConfig:
   _, d, heads, hd = blocks[0].attn.q.shape
   moe = None
   if decoder.has_moe:
-    moe = MoEConfig(num_experts=blocks[-1].ffn.num_experts, top_k=blocks[-1].ffn.top_k, every=decoder.every)
+    ffn = blocks[-1].ffn
+    moe = MoEConfig(num_experts=ffn.num_experts, top_k=ffn.top_k, every=decoder.every, norm_topk=ffn.norm_topk,
+                    shared_expert_dim=0 if ffn.shared is None else ffn.shared.ffn.gate.shape[-1])
   return DecoderConfig(vocab_size=decoder.embedding.shape[0], d_model=d, num_layers=decoder.num_units * decoder.every,
                        num_heads=heads, num_kv_heads=blocks[0].attn.k.shape[2], head_dim=hd,
                        tie_embeddings=decoder.lm_head is None, qkv_bias=blocks[0].attn.use_bias, moe=moe)
