@@ -7,7 +7,8 @@
             [--benchmarks a,b] [--n-max 16]        of the data dir: report.json, categories.png, a table
   mm15 eval import --format F --input FILE --out DATA_DIR --name NAME
                                                    a public benchmark (textvqa, docvqa, chartqa, refcoco, jsonl,
-                                                   mme, pope, multi_mc; --shots K --support F: few-shot)
+                                                   mme, pope, multi_mc, videomme, video_mc; --shots K
+                                                   --support F: few-shot)
                                                    -> records dataset NAME, split "test"
   mm15 data convert --format webdataset|parquet|jsonl|llava --kind K --input F... --out DATA_DIR --name NAME
                                                    datasets as shipped -> TFDS ArrayRecord (parallel, restartable)
@@ -122,8 +123,10 @@ def cmd_eval_import(a):
     if not (a.metric and a.category):
       raise SystemExit("mm15 eval import --format jsonl needs --metric and --category")
     options.update(metric=a.metric, category=a.category)
-  if a.format == "multi_mc" and a.category:
+  if a.format in ("multi_mc", "video_mc") and a.category:
     options.update(category=a.category)
+  if a.format in ("videomme", "video_mc"):
+    options.update(frames=a.video_frames)
   try:
     n = adapters.import_benchmark(a.format, a.input, out_dir=a.out, name=a.name, images_dir=a.images,
                                   max_examples=a.max_examples, overwrite=a.overwrite, **options)
@@ -233,7 +236,8 @@ def main(argv: list[str] | None = None):
   q = p.add_subparsers(dest="eval_command").add_parser(
       "import", help="public benchmark files -> records dataset (split 'test') for `mm15 eval`")
   q.add_argument("--format", required=True,
-                 choices=["textvqa", "docvqa", "chartqa", "refcoco", "jsonl", "mme", "pope", "multi_mc"])
+                 choices=["textvqa", "docvqa", "chartqa", "refcoco", "jsonl", "mme", "pope", "multi_mc", "videomme",
+                          "video_mc"])
   q.add_argument("--input", action="append", required=True, help="annotation file; repeat to concatenate")
   q.add_argument("--images", default="", help="image root (default: the annotation file's folder)")
   q.add_argument("--out", required=True, help="data dir to write into")
@@ -241,7 +245,9 @@ def main(argv: list[str] | None = None):
   q.add_argument("--split", default="val", help="refcoco: refs split (val, testA, testB, test)")
   q.add_argument("--instances", default="", help="refcoco: instances.json (default: beside the refs file)")
   q.add_argument("--metric", default="", help="jsonl: metric (exact, vqa, anls, relaxed, iou, mc, mme, pope)")
-  q.add_argument("--category", default="", help="jsonl, multi_mc: the paper's category, e.g. Knowledge")
+  q.add_argument("--category", default="", help="jsonl, multi_mc, video_mc: the paper's category, e.g. Knowledge")
+  q.add_argument("--video-frames", type=int, default=0,
+                 help="videomme, video_mc: store this many uniformly sampled frames (JPEG) instead of the video file")
   q.add_argument("--instruction", default=None,
                  help="text appended to every question (default: the format's, e.g. 'Answer the question using a "
                       "single word or phrase.'; '' for none)")

@@ -15,6 +15,7 @@ frames in some containers. Corrupt, empty or unreadable videos raise ValueError 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import NamedTuple, Sequence
@@ -75,14 +76,23 @@ def _read(path: str, wanted: Sequence[int], where: str, max_pixels: int) -> tupl
     capture.release()
 
 
-def decode_video(raw: bytes, n: int, *, max_pixels: int, where: str = "video") -> Frames:
-  """Video file bytes -> at most n uniformly sampled RGB frames with their timestamps."""
-  if not raw:
-    raise ValueError(f"{where}: empty video bytes")
+@contextlib.contextmanager
+def _as_file(raw: bytes):
+  """The path of a temporary file holding `raw` (OpenCV opens videos by name only)."""
   fd, path = tempfile.mkstemp(prefix="mm15_video_")
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(raw)
+    yield path
+  finally:
+    os.unlink(path)
+
+
+def decode_video(raw: bytes, n: int, *, max_pixels: int, where: str = "video") -> Frames:
+  """Video file bytes -> at most n uniformly sampled RGB frames with their timestamps."""
+  if not raw:
+    raise ValueError(f"{where}: empty video bytes")
+  with _as_file(raw) as path:
     capture = _open(path, where)
     reported = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
     capture.release()
@@ -97,12 +107,38 @@ def decode_video(raw: bytes, n: int, *, max_pixels: int, where: str = "video") -
     if n_total != reported:
       wanted = sample_indices(n_total, n)
       frames, _ = _read(path, wanted, where, max_pixels)
-    missing = [i for i in wanted if i not in frames]
-    if missing:
-      raise ValueError(f"{where}: video frames {missing[:3]} could not be decoded")
-    return Frames([frames[i][0] for i in wanted], [frames[i][1] for i in wanted])
-  finally:
-    os.unlink(path)
+  missing = [i for i in wanted if i not in frames]
+  if missing:
+    raise ValueError(f"{where}: video frames {missing[:3]} could not be decoded")
+  return Frames([frames[i][0] for i in wanted], [frames[i][1] for i in wanted])
+
+
+def check_video_file(raw: bytes, *, max_pixels: int, where: str = "video") -> None:
+  """Raises ValueError unless `raw` is a video whose first frame decodes (a cheap check at conversion time)."""
+  if not raw:
+    raise ValueError(f"{where}: empty video bytes")
+  with _as_file(raw) as path:
+    if not _read(path, [0], where, max_pixels)[0]:
+      raise ValueError(f"{where}: video has no decodable frames")
+
+
+def store_video(raw: bytes, frames: int, *, max_pixels: int, where: str = "video",
+                jpeg_quality: int = 90) -> tuple[list[bytes], dict]:
+  """Video file bytes -> (images, video field) of a record: with frames == 0 the file itself (its first frame
+  checked to decode), else `frames` uniformly sampled frames as JPEG with their timestamps (smaller records, no
+  decoding when training; the sampling is then fixed at conversion time)."""
+  if frames == 0:
+    check_video_file(raw, max_pixels=max_pixels, where=where)
+    return [bytes(raw)], {"form": "file"}
+  sampled = decode_video(raw, frames, max_pixels=max_pixels, where=where)
+  images = []
+  for pixels in sampled.pixels:
+    bgr = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+    if not ok:
+      raise ValueError(f"{where}: a frame could not be encoded as JPEG")
+    images.append(encoded.tobytes())
+  return images, {"form": "frames", "timestamps": [round(t, 3) for t in sampled.timestamps]}
 
 
 def stored_frames(images: Sequence[bytes], timestamps: Sequence[float], n: int, *, max_pixels: int,

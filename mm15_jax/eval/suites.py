@@ -22,13 +22,14 @@ from mm15_jax.data import records
 from mm15_jax.eval import metrics, report as report_lib
 
 IMAGE_MARK = records.IMAGE_MARKER
+VIDEO_MARK = records.VIDEO_MARKER
 PAPER_CATEGORIES = tuple(report_lib.CATEGORY_BENCHMARKS)
 # SFT categories (the `category` field of records) -> the paper's evaluation categories. Knowledge gathers science
 # and math; code and text-only data have no evaluation category of their own.
 SFT_TO_PAPER = {"general": "General", "text_rich": "Text-rich", "refer_ground": "Refer&Ground",
-                "science": "Knowledge", "math": "Knowledge", "multi_image": "Multi-image"}
+                "science": "Knowledge", "math": "Knowledge", "multi_image": "Multi-image", "video": "Video"}
 PAPER_TO_SFT = {"General": "general", "Text-rich": "text_rich", "Refer&Ground": "refer_ground",
-                "Multi-image": "multi_image"}
+                "Multi-image": "multi_image", "Video": "video"}
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
@@ -58,11 +59,13 @@ def check_name(name: str) -> str:
 
 def make_example(*, source: str, category: str, metric: str, question: str, answers: Sequence[str],
                  images: Sequence[bytes], choices: Sequence[str] | None = None, instruction: str = "",
-                 where: str, **extra) -> dict:
+                 where: str, video: dict | None = None, **extra) -> dict:
   """One held-out sft record: a single user turn "<image>\\n" * n_images + question (+ options, instruction).
 
   `category` is the paper's category (the record stores its SFT name where one exists). A question that already
-  holds "<image>" marks keeps them; their count must match the images. `extra` fields (ids) are kept as is.
+  holds "<image>" marks keeps them; their count must match the images. With `video` (a video record's field,
+  data/video.py) `images` are the video's stored images and the turn starts with "<video>\\n" instead. `extra`
+  fields (ids) are kept as is.
   """
   if not isinstance(question, str) or not question.strip():
     raise ValueError(f"{where}: empty or missing question")
@@ -78,7 +81,11 @@ def make_example(*, source: str, category: str, metric: str, question: str, answ
   if instruction:
     text = f"{text}\n{instruction}"
   marks = text.count(IMAGE_MARK)
-  if marks == 0:
+  if video is not None:
+    text = f"{VIDEO_MARK}\n{text}"
+    records.check_video(video, [{"content": text}], marks, len(images), where)
+    extra["video"] = video
+  elif marks == 0:
     text = f"{IMAGE_MARK}\n" * len(images) + text
   elif marks != len(images):
     raise ValueError(f"{where}: the question has {marks} {IMAGE_MARK} marks but the example has {len(images)} "
