@@ -10,7 +10,8 @@
                                                    mme, pope, multi_mc, videomme, video_mc; --shots K
                                                    --support F: few-shot)
                                                    -> records dataset NAME, split "test"
-  mm15 data convert --format webdataset|parquet|jsonl|llava --kind K --input F... --out DATA_DIR --name NAME
+  mm15 data convert --format webdataset|parquet|jsonl|llava|llava-video --kind K --input F... --out DATA_DIR
+                    --name NAME
                                                    datasets as shipped -> TFDS ArrayRecord (parallel, restartable)
   mm15 convert-hf --vision DIR --decoder DIR --out CKPT
                                                    Hugging Face CLIP + LLM safetensors -> a stage-1 checkpoint
@@ -185,21 +186,25 @@ def main(argv: list[str] | None = None):
   p.add_argument("--scale", type=float, default=1.0)
   p.set_defaults(fn=cmd_synth)
   p = data.add_parser("convert", help="convert webdataset tars, parquet, JSONL or LLaVA JSON into a dataset")
-  p.add_argument("--format", required=True, choices=["webdataset", "parquet", "jsonl", "llava"])
+  p.add_argument("--format", required=True, choices=["webdataset", "parquet", "jsonl", "llava", "llava-video"])
   p.add_argument("--input", required=True, nargs="+", help="files, globs or folders")
   p.add_argument("--out", required=True, help="data dir that receives the dataset")
   p.add_argument("--name", required=True, help="dataset name, e.g. ocr_pdfa")
   p.add_argument("--split", default="train", choices=["train", "test"])
   p.add_argument("--kind", default="", help="webdataset: ocr|caption; parquet: ocr|caption|text|interleaved|sft; "
-                                             "jsonl: text|interleaved; llava makes sft")
+                                             "jsonl: text|interleaved; llava, llava-video make sft")
   p.add_argument("--source", default="", help="the records' source field (default: --name)")
-  p.add_argument("--category", default="", help="SFT category (llava, --kind sft)")
+  p.add_argument("--category", default="", help="SFT category (llava, --kind sft; llava-video: "
+                                                 "default video)")
   p.add_argument("--text-field", default="", help="webdataset: dotted key in the .json member (default: .txt)")
   p.add_argument("--image-column", default="", help="default: image (interleaved: images)")
   p.add_argument("--text-column", default="", help="default: text (interleaved: texts)")
-  p.add_argument("--image-root", default="", help="folder image paths are relative to (llava: required; "
+  p.add_argument("--image-root", default="", help="folder image paths are relative to (llava, llava-video "
+                                                  "videos: required; "
                                                   "parquet/jsonl: default the input file's folder)")
   p.add_argument("--records-per-shard", type=int, default=10000, help="llava: entries per parallel shard")
+  p.add_argument("--video-frames", type=int, default=0,
+                 help="llava-video: store this many uniformly sampled frames (JPEG) instead of the video file")
   p.add_argument("--workers", type=int, default=1)
   p.add_argument("--max-bad-fraction", type=float, default=0.01)
   p.set_defaults(fn=cmd_convert)
