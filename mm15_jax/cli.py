@@ -1,7 +1,8 @@
 """`mm15`: the command line.
 
   mm15 demo [--workdir DIR]                        synthetic corpus -> 3 stages -> evaluation, on CPU
-  mm15 data synth --out DIR [--seed N]             the synthetic corpus (TFDS ArrayRecord) and its tokenizer
+  mm15 data synth --out DIR [--seed N] [--video]   the synthetic corpus (TFDS ArrayRecord) and its tokenizer
+                                                   (--video: plus video QA datasets)
   mm15 train --config NAME|FILE.py --workdir DIR   every stage of an experiment (or --stage NAME)
   mm15 eval --workdir DIR | --checkpoint DIR       benchmark evaluation of a checkpoint on the "test" splits
             [--benchmarks a,b] [--n-max 16]        of the data dir: report.json, categories.png, a table
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None):
   p.add_argument("--out", required=True)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--scale", type=float, default=1.0)
+  p.add_argument("--video", action="store_true",
+                 help="add the synthetic video QA datasets (the image corpus is built first if DIR has none)")
   p.set_defaults(fn=cmd_synth)
   p = data.add_parser("convert", help="convert webdataset tars, parquet, JSONL or LLaVA JSON into a dataset")
   p.add_argument("--format", required=True, choices=["webdataset", "parquet", "jsonl", "llava", "llava-video"])

@@ -84,3 +84,74 @@ def test_llava_video_converter_errors(llava_video):
   with pytest.raises(SystemExit, match=r"4 of 6 entries are bad .*missing video file 1"):
     cli.main(convert_args(root, path, "strict", "--max-bad-fraction", "0.5"))
   assert isinstance(convert.ConvertError("x"), RuntimeError)
+
+
+def _colours_at(png_bytes):
+  """Palette colours (synth_scenes.COLORS) present in a frame, by pixel count."""
+  import io
+  from PIL import Image
+  from mm15_jax.data import synth_scenes
+  pixels = np.asarray(Image.open(io.BytesIO(png_bytes)).convert("RGB")).reshape(-1, 3)
+  return {name: int((pixels == rgb).all(1).sum()) for name, rgb in synth_scenes.COLORS.items()
+          if (pixels == rgb).all(1).any()}
+
+
+def _centroid(png_bytes, colour):
+  import io
+  from PIL import Image
+  from mm15_jax.data import synth_scenes
+  pixels = np.asarray(Image.open(io.BytesIO(png_bytes)).convert("RGB"))
+  ys, xs = np.nonzero((pixels == synth_scenes.COLORS[colour]).all(-1))
+  return xs.mean(), ys.mean()
+
+
+def test_synthetic_video_questions_match_their_clips():
+  from mm15_jax.data import synth, synth_video
+  recs = list(synth.generate("video_qa", "test", 60, seed=3))
+  assert recs == list(synth.generate("video_qa", "test", 60, seed=3))  # a pure function of the seed
+  assert {r["subset"] for r in recs} == set(synth_video.TASKS)
+  for r in recs:
+    records.decode_record(records.encode_record(r), where="video_qa")
+    assert r["video"]["timestamps"] == [k / synth_video.FPS for k in range(synth_video.FRAMES)]
+    question = r["messages"][0]["content"].split("\n")
+    options = {line[0]: line[3:] for line in question[2:-1]}
+    answer, frames = options[r["answers"][0]], r["images"]
+    if r["subset"] == "direction":
+      colour = question[1].split()[-3]
+      (x0, y0), (x1, y1) = _centroid(frames[0], colour), _centroid(frames[-1], colour)
+      moved = {"left": x0 - x1, "right": x1 - x0, "up": y0 - y1, "down": y1 - y0}
+      assert max(moved, key=moved.get) == answer and moved[answer] > 10
+    elif r["subset"] == "colour":
+      frame = frames[0] if question[1].endswith("at the start?") else frames[-1]
+      assert list(_colours_at(frame)) == [answer]
+    elif r["subset"] == "count":
+      at = question[1].split()[-1].rstrip("?")
+      frame = frames[-1] if at == "end" else frames[int(float(at[:-1]) * synth_video.FPS)]
+      assert len(_colours_at(frame)) == ("one", "two", "three", "four").index(answer) + 1
+    elif r["subset"] == "order":
+      first_seen = {}
+      for k, frame in enumerate(frames):
+        for colour in _colours_at(frame):
+          first_seen.setdefault(colour, k)
+      order = sorted(first_seen, key=first_seen.get)
+      assert answer.split()[0] == (order[0] if "first" in question[1] else order[-1])
+    else:  # "Does the <colour> <shape> appear before or after the <shape> turns <colour>?"
+      words = question[1].rstrip("?").split()
+      appear, turned = words[2], words[-1]
+      seen = [_colours_at(frame) for frame in frames]
+      first = lambda colour: next(k for k, colours in enumerate(seen) if colour in colours)
+      assert ("before" if first(appear) < first(turned) else "after") == answer
+
+
+def test_video_synth_option_keeps_the_image_corpus(tmp_path):
+  from mm15_jax.data import synth
+  assert "video_qa" not in synth.split_counts(1.0)  # the default corpus is unchanged
+  (tmp_path / synth.CORPUS_FILE).write_text(json.dumps({"seed": 0, "scale": 0.01, "datasets": {}}))
+  cli.main(["data", "synth", "--out", str(tmp_path), "--scale", "0.01", "--video"])
+  corpus = json.loads((tmp_path / synth.CORPUS_FILE).read_text())
+  assert corpus["video_datasets"] == {"video_qa": {"train": 20, "test": 2}} and corpus["datasets"] == {}
+  assert not (tmp_path / synth.TOKENIZER_FILE).exists()  # the image corpus's tokenizer is not retrained
+  train = records.open_source(str(tmp_path), "video_qa", "train")
+  assert len(train) == 20 and train[0]["messages"][1]["content"] in "ABCD"
+  test = records.open_source(str(tmp_path), "video_qa", "test")
+  assert test[0]["metric"] == "mc" and test[0]["category"] == "video" and len(test[0]["images"]) == 8
