@@ -52,8 +52,8 @@ def load_experiment(name: str, args: list[str] | None = None, overrides: list[st
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
   else:
-    from mm15_jax.configs import mm15, tiny
-    builtin = {"tiny": tiny, "mm15": mm15}
+    from mm15_jax.configs import mm15, mm15_video, tiny, tiny_video
+    builtin = {"tiny": tiny, "mm15": mm15, "tiny_video": tiny_video, "mm15_video": mm15_video}
     if name not in builtin:
       raise SystemExit(f"--config {name!r}: not a built-in config ({sorted(builtin)}) nor a .py file")
     module = builtin[name]
