@@ -97,3 +97,19 @@ def test_multiple_choice_accuracy_on_video_records(videomme):
   assert report.category_averages({"Video-MME": 0.5, "MVBench": 0.75, "TextVQA": 0.7}, table) == {
       "Text-rich": 0.7, "Video": 0.625}
   assert report.category_averages({"video_qa": 0.4}, report.HELDOUT_CATEGORIES) == {"Video": 0.4}
+
+
+def test_generic_jsonl_benchmark_with_videos(tmp_path):
+  (tmp_path / "c.avi").write_bytes(clip(60, n=4))
+  (tmp_path / "bench.jsonl").write_text(
+      json.dumps({"video": "c.avi", "question": "Does it get brighter?", "choices": ["yes", "no"],
+                  "answers": ["yes"]}) + "\n"
+      + json.dumps({"video": "c.avi", "image": "x.png", "question": "Q", "answers": ["A"]}) + "\n")
+  with pytest.raises(ValueError, match=r"bench.jsonl:2: field 'video' must be one path"):
+    suites.from_jsonl(str(tmp_path / "bench.jsonl"), category="Video", metric="mc").examples()
+  (tmp_path / "bench.jsonl").write_text((tmp_path / "bench.jsonl").read_text().splitlines()[0] + "\n")
+  (example,) = suites.from_jsonl(str(tmp_path / "bench.jsonl"), category="Video", metric="mc").examples()
+  assert example["video"] == {"form": "file"} and example["answers"] == ["A"] and example["category"] == "video"
+  assert example["messages"][0]["content"].startswith("<video>\nDoes it get brighter?\nA. yes\nB. no")
+  frames = video.record_frames(example, 24, max_pixels=10**6)
+  assert len(frames.pixels) == 4 and frames.timestamps == pytest.approx([0, 1 / 3, 2 / 3, 1])

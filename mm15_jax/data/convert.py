@@ -4,7 +4,8 @@
                     --name DATASET [options]
 
 Kinds by format (convert_formats.KINDS): webdataset ocr|caption; parquet ocr|caption|text|interleaved|sft (the
-last: the_cauldron or LLaVA-OneVision layout); jsonl text|interleaved; llava sft; llava-video sft (video records, category "video" unless --category).
+last: the_cauldron or LLaVA-OneVision layout); jsonl text|interleaved; llava sft; llava-video sft (video records,
+category "video" unless --category).
 
 The result is the same TFDS ArrayRecord layout `records.write_source` writes (DATA_DIR/<name>/<version>/), read
 with `records.open_source`. Conversion is restartable and parallel over input shards (a tar or parquet file, or
@@ -41,7 +42,8 @@ from mm15_jax.data import records
 from mm15_jax.data.convert_formats import (DEFAULT_COLUMNS, FORMATS, KINDS, READERS, BadEntry, ConvertOptions, Shard,
                                            load_llava_entries)
 
-FILE_SUFFIXES = {"webdataset": (".tar", ".tar.gz", ".tgz"), "parquet": (".parquet",), "llava": (".json", ".jsonl"), "llava-video": (".json", ".jsonl"),
+FILE_SUFFIXES = {"webdataset": (".tar", ".tar.gz", ".tgz"), "parquet": (".parquet",), "llava": (".json", ".jsonl"),
+                 "llava-video": (".json", ".jsonl"),
                  "jsonl": (".jsonl", ".json")}
 STAGING = ".convert"
 _WARNINGS_PER_SHARD = 10  # bad entries named per shard; the rest are counted

@@ -7,7 +7,8 @@ An example is a held-out sft record: one user turn whose "<image>" marks place t
   - a JSONL file, one example a line:
       {"image": "a.jpg" | ["a.jpg", "b.jpg"], "question": str, "answers": [str], "choices": [str] (optional)}
     image paths relative to the file. With "choices" the options are listed after the question as "A. ...", and
-    an answer equal to a choice's text becomes that choice's letter (the "mc" metric compares letters).
+    an answer equal to a choice's text becomes that choice's letter (the "mc" metric compares letters). A video
+    example has {"video": "clip.mp4"} instead of "image" (the file is stored; data/video.py samples its frames).
 """
 from __future__ import annotations
 
@@ -195,15 +196,19 @@ def read_jsonl(path: str, *, source: str, category: str, metric: str, instructio
       raise ValueError(f"{where}: not JSON ({e.msg})") from None
     if not isinstance(item, dict):
       raise ValueError(f"{where}: expected an object, got {type(item).__name__}")
-    unknown = set(item) - {"image", "question", "answers", "choices", "id"}
+    unknown = set(item) - {"image", "video", "question", "answers", "choices", "id"}
     if unknown:
       raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
     paths = item.get("image", [])
     paths = [paths] if isinstance(paths, str) else paths
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
       raise ValueError(f"{where}: field 'image' must be a path or a list of paths, got {item.get('image')!r}")
-    images = [read_image(os.path.join(root, p), where) for p in paths]
     extra = {"example_id": item["id"]} if "id" in item else {}
+    if "video" in item:
+      if paths or not isinstance(item["video"], str) or not item["video"]:
+        raise ValueError(f"{where}: field 'video' must be one path, and an example has a video or images")
+      paths, extra["video"] = [item["video"]], {"form": "file"}
+    images = [read_image(os.path.join(root, p), where) for p in paths]
     out.append(make_example(source=source, category=category, metric=metric, question=item.get("question"),
                             answers=item.get("answers"), images=images, choices=item.get("choices"),
                             instruction=instruction, where=where, **extra))
