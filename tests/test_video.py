@@ -166,3 +166,31 @@ def test_corrupt_video_is_a_skipped_counted_named_bad_record(tok, clip, caplog):
   named = [r.getMessage() for r in caplog.records if "video_qa[2]" in r.getMessage()]
   assert bad == len(named) >= 2 and seen == 12 + bad
   assert all("cannot decode video" in m for m in named)
+
+
+def bits_frame(i):
+  """Frame i shows the bits of i as 9 black or white bands (exact after any lossy codec)."""
+  pixels = np.zeros((16, 9 * 16, 3), np.uint8)
+  for b in range(9):
+    pixels[:, b * 16:(b + 1) * 16] = 255 * (i >> b & 1)
+  return pixels
+
+
+def frame_number(pixels):
+  return sum(int(pixels[8, b * 16 + 8, 0] > 127) << b for b in range(9))
+
+
+@pytest.mark.parametrize("fourcc, suffix", [("MJPG", ".avi"), ("mp4v", ".mp4")])
+def test_seeking_lands_on_the_sampled_frames(monkeypatch, tmp_path, fourcc, suffix):
+  raw = video.encode_frames([bits_frame(i) for i in range(90)], fps=30, suffix=suffix, fourcc=fourcc)
+  in_order = video.decode_video(raw, 6, max_pixels=10**6)
+  monkeypatch.setattr(video, "SEEK_GAP", 4)  # every gap between the 6 sampled frames (15 frames) is a seek
+  seeking = video.decode_video(raw, 6, max_pixels=10**6)
+  assert [frame_number(p) for p in seeking.pixels] == [frame_number(p) for p in in_order.pixels] == [
+      7, 22, 37, 52, 67, 82]
+  assert seeking.timestamps == in_order.timestamps == pytest.approx([i / 30 for i in (7, 22, 37, 52, 67, 82)])
+  path = tmp_path / f"clip{suffix}"
+  path.write_bytes(raw)
+  frames, position = video._read(str(path), [7, 52], "clip", 10**6, seek_gap=4)  # seeks, and lands
+  assert {i: frame_number(p) for i, (p, _) in frames.items()} == {7: 7, 52: 52} and position == 53
+  assert video._read(str(path), [300], "clip", 10**6, seek_gap=4) is None  # past the end: decode in order instead

@@ -10,8 +10,11 @@ equal segments; a video with N frames or fewer keeps all of them. A frame's time
 frame rate (or the decoder's position where the container gives no rate).
 
 OpenCV reads videos from files only, so file bytes are written to a temporary file for decoding. Frames are decoded
-sequentially (grab, and retrieve only the sampled ones): exact for every codec, unlike seeking, which lands on key
-frames in some containers. Corrupt, empty or unreadable videos raise ValueError naming the record (a bad record).
+in order (grab, and retrieve only the sampled ones); gaps of more than SEEK_GAP frames between sampled frames are
+skipped by seeking, and a seek that does not land on its frame (some containers seek to key frames only) makes the
+decoder read every frame instead. Videos of several minutes are better stored as frames at conversion
+(`--video-frames N`): decoding then costs nothing in training. Corrupt, empty or unreadable videos raise ValueError
+naming the record (a bad record).
 """
 from __future__ import annotations
 
@@ -25,6 +28,10 @@ import numpy as np
 
 from mm15_jax.data import images as images_lib
 from mm15_jax.data.records import VIDEO_FORMS as FORMS
+
+# Frames between two sampled ones above which the decoder seeks instead of decoding them all: a seek decodes from
+# the key frame before its target, so shorter gaps are cheaper decoded in order (key frames every 10 s or less).
+SEEK_GAP = 300
 
 
 class Frames(NamedTuple):
@@ -49,18 +56,28 @@ def _open(path: str, where: str) -> cv2.VideoCapture:
   return capture
 
 
-def _read(path: str, wanted: Sequence[int], where: str, max_pixels: int) -> tuple[dict[int, tuple], int]:
-  """Decodes frames sequentially: {index: (RGB pixels, seconds)} for the wanted indices, and how many frames
-  were read (stops after the last wanted one, or at the end of the stream)."""
+def _read(path: str, wanted: Sequence[int], where: str, max_pixels: int,
+          seek_gap: int | None = None) -> tuple[dict[int, tuple], int] | None:
+  """Decodes frames in order: {index: (RGB pixels, seconds)} for the wanted indices, and how many frames were
+  read (stops after the last wanted one, or at the end of the stream). With `seek_gap`, gaps of more than that many
+  frames before a wanted one are skipped by seeking; None when a seek does not land on its frame."""
   capture = _open(path, where)
   try:
     fps = capture.get(cv2.CAP_PROP_FPS)
-    wanted_set, last = set(wanted), max(wanted, default=-1)
+    ahead, last = sorted(set(wanted)), max(wanted, default=-1)
     out, index = {}, 0
     while last < 0 or index <= last:
+      if seek_gap is not None and ahead and ahead[0] - index > seek_gap:
+        capture.set(cv2.CAP_PROP_POS_FRAMES, ahead[0])
+        if int(capture.get(cv2.CAP_PROP_POS_FRAMES)) != ahead[0]:
+          return None
+        index = ahead[0]
       if not capture.grab():
+        if seek_gap is not None and index in ahead:
+          return None  # a seek past the real end: the container's frame count was wrong
         break
-      if index in wanted_set:
+      if ahead and index == ahead[0]:
+        ahead.pop(0)
         ok, bgr = capture.retrieve()
         if not ok or bgr is None or bgr.ndim != 3:
           raise ValueError(f"{where}: cannot decode video frame {index}")
@@ -98,7 +115,9 @@ def decode_video(raw: bytes, n: int, *, max_pixels: int, where: str = "video") -
     capture.release()
     if reported > 0:
       wanted = sample_indices(reported, n)
-      frames, n_read = _read(path, wanted, where, max_pixels)
+      # Seeking skips long stretches between sampled frames; when a seek misses, decode every frame instead.
+      read = _read(path, wanted, where, max_pixels, seek_gap=SEEK_GAP) or _read(path, wanted, where, max_pixels)
+      frames, n_read = read
       n_total = reported if n_read > wanted[-1] else n_read  # fewer: the container's frame count was wrong
     else:
       wanted, frames, n_total = [], {}, _read(path, [], where, max_pixels)[1]  # no count given: count them
