@@ -155,3 +155,33 @@ def test_video_synth_option_keeps_the_image_corpus(tmp_path):
   assert len(train) == 20 and train[0]["messages"][1]["content"] in "ABCD"
   test = records.open_source(str(tmp_path), "video_qa", "test")
   assert test[0]["metric"] == "mc" and test[0]["category"] == "video" and len(test[0]["images"]) == 8
+
+
+def test_video_configs_follow_the_recipe_and_fit_their_rows(tok):
+  from mm15_jax.data import samples, synth
+  exp = cli.load_experiment("mm15_video", ["init_from=ckpt/sft"], [])
+  (stage,) = exp.stages
+  assert (stage.batch_size, stage.learning_rate, stage.warmup_fraction, stage.end_lr_fraction, stage.epochs) == (
+      256, 1e-5, 0.01, 0.0, 1.0)
+  assert (stage.init_from, stage.image_size, stage.data.split.mode, stage.data.video.frames) == (
+      "ckpt/sft", 378, "none", 24)
+  tokens_per_tile = exp.model.connector.pooled_side ** 2
+  assert tokens_per_tile == 144 and stage.data.max_images >= 24
+  frames = [video.encode_frames([np.zeros((8, 8, 3), np.uint8)] * 48, fps=24)]
+  record = {"kind": "sft", "source": "v", "images": frames, "video": {"form": "file"},
+            "messages": [{"role": "user", "content": "<video>\n" + "What happens in the video? " * 4},
+                         {"role": "assistant", "content": "Nothing moves. " * 10}]}
+  spec = samples.SampleSpec.from_config(stage.data, tile_size=stage.image_size, tokens_per_tile=tokens_per_tile)
+  sample = samples.make_sample(record, tok, spec)  # 24 frames of 144 tokens fit one 4096-token row
+  assert sample.n_tiles == 24 and 24 * 144 < len(sample.ids) <= stage.data.seq_len + 1
+
+  tiny_exp = cli.load_experiment("tiny_video", ["data_dir=d", "init_from=runs/x/sft/checkpoints"], [])
+  (tiny_stage,) = tiny_exp.stages
+  assert (tiny_stage.init_from, tiny_stage.data.mixture, tiny_stage.data.video.frames) == (
+      "runs/x/sft/checkpoints", {"video_qa": 1.0}, 8)
+  clip = next(synth.generate("video_qa", "train", 1, seed=0))
+  tiny_spec = samples.SampleSpec.from_config(tiny_stage.data, tile_size=tiny_stage.image_size,
+                                             tokens_per_tile=tiny_exp.model.connector.pooled_side ** 2)
+  sample = samples.make_sample(clip, tok, tiny_spec)
+  assert sample.n_tiles == 8 and len(sample.ids) <= tiny_stage.data.seq_len + 1
+  assert tiny_stage.data.max_images == 2 * sample.n_tiles  # room for two clips per packed row
