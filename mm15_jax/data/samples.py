@@ -36,7 +36,6 @@ from mm15_jax.data.tokenizer import MAX_IMAGES_PER_SAMPLE, Tokenizer
 
 IMAGE_MARK = "<image>"
 VIDEO_MARK = records.VIDEO_MARKER
-_MARKS = re.compile(f"({re.escape(IMAGE_MARK)}|{re.escape(VIDEO_MARK)})")
 KINDS = ("caption", "interleaved", "text", "ocr", "sft")
 # "[12, 34]" or "[1, 2, 3, 4]": coordinate lists on the 0..1000 grid of the whole image.
 _COORDS = re.compile(r"\[\s*(-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?)+)\s*\]")
@@ -137,6 +136,7 @@ class _Builder:
     self.mask: list[int] = [0]
     self.images: list[images_lib.SplitImage] = []
     self.n_used = 0
+    self.frames: list[np.ndarray] | None = None  # a video's sampled frames (expand_video)
 
   def add(self, ids: list[int], trained: bool) -> None:
     self.ids += ids
@@ -147,7 +147,16 @@ class _Builder:
     return self.tok.encode(text) if text else []
 
   def image(self, index: int) -> list[int]:
-    """Ids of the image's block; its tiles are appended to the sample's image list."""
+    """Ids of the image's block (a video's frame once `expand_video` ran); its tiles are appended to the sample's
+    image list."""
+    if self.frames is not None:
+      if not 0 <= index < len(self.frames):
+        raise ValueError(f"{self.where}: frame index {index} but the video has {len(self.frames)} sampled frames")
+      split = images_lib.split_image(self.frames[index], self.spec.split, tile_size=self.spec.tile_size,
+                                     allow_split=False)
+      self.n_used += 1
+      self.images.append(split)
+      return image_block(self.tok, self.n_used, split, self.spec.tokens_per_tile, self.spec.split.tile_markers)
     if not 0 <= index < len(self.raw_images):
       raise ValueError(f"{self.where}: image index {index} but the record has {len(self.raw_images)} images")
     raw = self.raw_images[index]
@@ -163,32 +172,25 @@ class _Builder:
     self.images.append(split)
     return image_block(self.tok, self.n_used, split, self.spec.tokens_per_tile, self.spec.split.tile_markers)
 
-  def video(self) -> list[int]:
-    """Ids of the record's video: per sampled frame its timestamp text and its (unsplit) image block."""
+  def expand_video(self, messages: list) -> list:
+    """A video record's messages with its "<video>" mark replaced by one "<image>" mark per sampled frame, each
+    after its timestamp text ("0.5s<image>1.5s<image>..."); `image` then takes the frames in order. Other records'
+    messages are returned as they are."""
+    if "video" not in self.record:
+      return messages
     frames = video_lib.record_frames(self.record, self.spec.video_frames, max_pixels=self.spec.max_pixels,
                                      where=self.where)
-    if self.n_used + len(frames.pixels) > MAX_IMAGES_PER_SAMPLE:
-      raise ValueError(f"{self.where}: more than {MAX_IMAGES_PER_SAMPLE} images and frames in one sample")
-    ids = []
-    for pixels, seconds in zip(frames.pixels, frames.timestamps):
-      split = images_lib.split_image(pixels, self.spec.split, tile_size=self.spec.tile_size, allow_split=False)
-      self.n_used += 1
-      self.images.append(split)
-      if self.spec.video_timestamps:
-        ids += self.tok.encode(f"{seconds:.1f}s")
-      ids += image_block(self.tok, self.n_used, split, self.spec.tokens_per_tile, self.spec.split.tile_markers)
-    return ids
+    self.frames = frames.pixels
+    marks = "".join((f"{t:.1f}s" if self.spec.video_timestamps else "") + IMAGE_MARK for t in frames.timestamps)
+    return [dict(m, content=m["content"].replace(VIDEO_MARK, marks)) for m in messages]
 
   def content(self, text: str) -> list[int]:
-    """Text with "<image>" / "<video>" marks -> ids (images taken in order)."""
+    """Text with "<image>" marks -> ids (images taken in order)."""
     ids = []
-    for n, piece in enumerate(_MARKS.split(text)):
-      if n % 2 == 0:
-        ids += self.text(piece)
-      elif piece == VIDEO_MARK:
-        ids += self.video()
-      else:
+    for n, piece in enumerate(text.split(IMAGE_MARK)):
+      if n:
         ids += self.image(self.n_used)
+      ids += self.text(piece)
     return ids
 
   def finish(self, *, eos: bool, max_ids: int) -> Sample:
@@ -242,7 +244,8 @@ def make_sample(record: dict, tokenizer: Tokenizer, spec: SampleSpec, *, where: 
     _check_image_marks(messages, len(images), where, record)
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
       raise ValueError(f"{where}: sft record without an assistant turn")
-    turn_ids, trained = tokenizer.apply_chat_template(messages, encode_content=b.content, where=where)
+    turn_ids, trained = tokenizer.apply_chat_template(b.expand_video(messages), encode_content=b.content,
+                                                      where=where)
     b.ids += turn_ids
     b.mask += trained
   return b.finish(eos=True, max_ids=spec.seq_len + 1)
@@ -273,7 +276,7 @@ def encode_prompt(record: dict, tokenizer: Tokenizer, spec: SampleSpec, *, n_max
   images = records.require_field(record, "images", list, where)
   _check_image_marks(messages, len(images), where, record)
   b = _Builder(record, tokenizer, spec, where, n_images=len(images), n_max=n_max)
-  turn_ids, _ = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, encode_content=b.content,
-                                              where=where)
+  turn_ids, _ = tokenizer.apply_chat_template(b.expand_video(prompt), add_generation_prompt=True,
+                                              encode_content=b.content, where=where)
   b.add(turn_ids, trained=False)
   return b.finish(eos=False, max_ids=spec.seq_len)
