@@ -185,3 +185,15 @@ def test_video_configs_follow_the_recipe_and_fit_their_rows(tok):
   sample = samples.make_sample(clip, tok, tiny_spec)
   assert sample.n_tiles == 8 and len(sample.ids) <= tiny_stage.data.seq_len + 1
   assert tiny_stage.data.max_images == 2 * sample.n_tiles  # room for two clips per packed row
+
+
+def test_video_synth_builds_the_same_image_corpus_and_tokenizer(tmp_path):
+  from mm15_jax.data import synth
+  synth.build_corpus(tmp_path / "image", scale=0.005, progress=None)
+  cli.main(["data", "synth", "--out", str(tmp_path / "video"), "--scale", "0.005", "--video"])
+  for name in (synth.TOKENIZER_FILE, "sft_general/1.0.0/sft_general-test.array_record-00000-of-00001",
+               "caption/1.0.0/caption-train.array_record-00000-of-00001"):
+    assert (tmp_path / "image" / name).read_bytes() == (tmp_path / "video" / name).read_bytes(), name
+  image_corpus = json.loads((tmp_path / "image" / synth.CORPUS_FILE).read_text())
+  video_corpus = json.loads((tmp_path / "video" / synth.CORPUS_FILE).read_text())
+  assert video_corpus == {**image_corpus, "video_datasets": {"video_qa": {"train": 10, "test": 1}}}
