@@ -1,17 +1,20 @@
 """`mm15`: the command line.
 
   mm15 demo [--workdir DIR]                        synthetic corpus -> 3 stages -> evaluation, on CPU
-  mm15 data synth --out DIR [--seed N]             the synthetic corpus (TFDS ArrayRecord) and its tokenizer
+  mm15 data synth --out DIR [--seed N] [--video]   the synthetic corpus (TFDS ArrayRecord) and its tokenizer
+                                                   (--video: plus video QA datasets)
   mm15 train --config NAME|FILE.py --workdir DIR   every stage of an experiment (or --stage NAME)
   mm15 eval --workdir DIR | --checkpoint DIR       benchmark evaluation of a checkpoint on the "test" splits
             [--benchmarks a,b] [--n-max 16]        of the data dir: report.json, categories.png, a table
   mm15 eval import --format F --input FILE --out DATA_DIR --name NAME
                                                    a public benchmark (textvqa, docvqa, chartqa, refcoco, jsonl,
-                                                   mme, pope, multi_mc; --shots K --support F: few-shot)
+                                                   mme, pope, multi_mc, videomme, video_mc; --shots K
+                                                   --support F: few-shot)
                                                    -> records dataset NAME, split "test"
   mm15 generate --checkpoint DIR --image F --prompt TEXT [--draw out.png]
                                                    answer about images, streamed; boxes/points drawn
-  mm15 data convert --format webdataset|parquet|jsonl|llava --kind K --input F... --out DATA_DIR --name NAME
+  mm15 data convert --format webdataset|parquet|jsonl|llava|llava-video --kind K --input F... --out DATA_DIR
+                    --name NAME
                                                    datasets as shipped -> TFDS ArrayRecord (parallel, restartable)
   mm15 convert-hf --vision DIR --decoder DIR --out CKPT
                                                    HF / open_clip ViT + HF LLM safetensors -> a stage-1 checkpoint
@@ -53,8 +56,8 @@ def load_experiment(name: str, args: list[str] | None = None, overrides: list[st
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
   else:
-    from mm15_jax.configs import mm15, tiny
-    builtin = {"tiny": tiny, "mm15": mm15}
+    from mm15_jax.configs import mm15, mm15_video, tiny, tiny_video
+    builtin = {"tiny": tiny, "mm15": mm15, "tiny_video": tiny_video, "mm15_video": mm15_video}
     if name not in builtin:
       raise SystemExit(f"--config {name!r}: not a built-in config ({sorted(builtin)}) nor a .py file")
     module = builtin[name]
@@ -136,8 +139,10 @@ def cmd_eval_import(a):
     if not (a.metric and a.category):
       raise SystemExit("mm15 eval import --format jsonl needs --metric and --category")
     options.update(metric=a.metric, category=a.category)
-  if a.format == "multi_mc" and a.category:
+  if a.format in ("multi_mc", "video_mc") and a.category:
     options.update(category=a.category)
+  if a.format in ("videomme", "video_mc"):
+    options.update(frames=a.video_frames)
   try:
     n = adapters.import_benchmark(a.format, a.input, out_dir=a.out, name=a.name, images_dir=a.images,
                                   max_examples=a.max_examples, overwrite=a.overwrite, **options)
@@ -205,23 +210,29 @@ def main(argv: list[str] | None = None):
   p.add_argument("--out", required=True)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--scale", type=float, default=1.0)
+  p.add_argument("--video", action="store_true",
+                 help="add the synthetic video QA datasets (the image corpus is built first if DIR has none)")
   p.set_defaults(fn=cmd_synth)
   p = data.add_parser("convert", help="convert webdataset tars, parquet, JSONL or LLaVA JSON into a dataset")
-  p.add_argument("--format", required=True, choices=["webdataset", "parquet", "jsonl", "llava"])
+  p.add_argument("--format", required=True, choices=["webdataset", "parquet", "jsonl", "llava", "llava-video"])
   p.add_argument("--input", required=True, nargs="+", help="files, globs or folders")
   p.add_argument("--out", required=True, help="data dir that receives the dataset")
   p.add_argument("--name", required=True, help="dataset name, e.g. ocr_pdfa")
   p.add_argument("--split", default="train", choices=["train", "test"])
   p.add_argument("--kind", default="", help="webdataset: ocr|caption; parquet: ocr|caption|text|interleaved|sft; "
-                                             "jsonl: text|interleaved; llava makes sft")
+                                             "jsonl: text|interleaved; llava, llava-video make sft")
   p.add_argument("--source", default="", help="the records' source field (default: --name)")
-  p.add_argument("--category", default="", help="SFT category (llava, --kind sft)")
+  p.add_argument("--category", default="", help="SFT category (llava, --kind sft; llava-video: "
+                                                 "default video)")
   p.add_argument("--text-field", default="", help="webdataset: dotted key in the .json member (default: .txt)")
   p.add_argument("--image-column", default="", help="default: image (interleaved: images)")
   p.add_argument("--text-column", default="", help="default: text (interleaved: texts)")
-  p.add_argument("--image-root", default="", help="folder image paths are relative to (llava: required; "
+  p.add_argument("--image-root", default="", help="folder image paths are relative to (llava, llava-video "
+                                                  "videos: required; "
                                                   "parquet/jsonl: default the input file's folder)")
   p.add_argument("--records-per-shard", type=int, default=10000, help="llava: entries per parallel shard")
+  p.add_argument("--video-frames", type=int, default=0,
+                 help="llava-video: store this many uniformly sampled frames (JPEG) instead of the video file")
   p.add_argument("--workers", type=int, default=1)
   p.add_argument("--max-bad-fraction", type=float, default=0.01)
   p.set_defaults(fn=cmd_convert)
@@ -258,7 +269,8 @@ def main(argv: list[str] | None = None):
   q = p.add_subparsers(dest="eval_command").add_parser(
       "import", help="public benchmark files -> records dataset (split 'test') for `mm15 eval`")
   q.add_argument("--format", required=True,
-                 choices=["textvqa", "docvqa", "chartqa", "refcoco", "jsonl", "mme", "pope", "multi_mc"])
+                 choices=["textvqa", "docvqa", "chartqa", "refcoco", "jsonl", "mme", "pope", "multi_mc", "videomme",
+                          "video_mc"])
   q.add_argument("--input", action="append", required=True, help="annotation file; repeat to concatenate")
   q.add_argument("--images", default="", help="image root (default: the annotation file's folder)")
   q.add_argument("--out", required=True, help="data dir to write into")
@@ -266,7 +278,9 @@ def main(argv: list[str] | None = None):
   q.add_argument("--split", default="val", help="refcoco: refs split (val, testA, testB, test)")
   q.add_argument("--instances", default="", help="refcoco: instances.json (default: beside the refs file)")
   q.add_argument("--metric", default="", help="jsonl: metric (exact, vqa, anls, relaxed, iou, mc, mme, pope)")
-  q.add_argument("--category", default="", help="jsonl, multi_mc: the paper's category, e.g. Knowledge")
+  q.add_argument("--category", default="", help="jsonl, multi_mc, video_mc: the paper's category, e.g. Knowledge")
+  q.add_argument("--video-frames", type=int, default=0,
+                 help="videomme, video_mc: store this many uniformly sampled frames (JPEG) instead of the video file")
   q.add_argument("--instruction", default=None,
                  help="text appended to every question (default: the format's, e.g. 'Answer the question using a "
                       "single word or phrase.'; '' for none)")

@@ -125,6 +125,14 @@ class SftMixtureConfig:
 
 
 @dataclasses.dataclass
+class VideoConfig:
+  """How a video becomes a sample's images (data/video.py): `frames` uniformly sampled frames, in temporal order,
+  each one unsplit tile of the stage's image size, numbered by the image-index tokens <img_1>..<img_N>."""
+  frames: int = 24               # at most this many frames per video (fewer when the video has fewer)
+  timestamps: bool = True        # each frame's time in seconds as text ("3.5s") before its image block
+
+
+@dataclasses.dataclass
 class DataConfig:
   data_dir: str = ""
   tokenizer: str = ""            # sentencepiece .model, or an HF tokenizer.json / its directory
@@ -139,6 +147,7 @@ class DataConfig:
   max_image_pixels: int = 64_000_000  # decompression-bomb guard
   num_workers: int = 0           # Grain worker processes (0: in-process)
   seed: int = 0
+  video: VideoConfig = dataclasses.field(default_factory=VideoConfig)
 
 
 @dataclasses.dataclass

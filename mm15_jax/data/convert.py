@@ -1,10 +1,11 @@
 """Converts datasets in the formats they ship in (webdataset tars, parquet, JSONL, LLaVA JSON) into record datasets.
 
-  mm15 data convert --format webdataset|parquet|jsonl|llava --kind KIND --input FILES... --out DATA_DIR
+  mm15 data convert --format webdataset|parquet|jsonl|llava|llava-video --kind KIND --input FILES... --out DATA_DIR
                     --name DATASET [options]
 
 Kinds by format (convert_formats.KINDS): webdataset ocr|caption; parquet ocr|caption|text|interleaved|sft (the
-last: the_cauldron or LLaVA-OneVision layout); jsonl text|interleaved; llava sft.
+last: the_cauldron or LLaVA-OneVision layout); jsonl text|interleaved; llava sft; llava-video sft (video records,
+category "video" unless --category).
 
 The result is the same TFDS ArrayRecord layout `records.write_source` writes (DATA_DIR/<name>/<version>/), read
 with `records.open_source`. Conversion is restartable and parallel over input shards (a tar or parquet file, or
@@ -42,6 +43,7 @@ from mm15_jax.data.convert_formats import (DEFAULT_COLUMNS, FORMATS, KINDS, READ
                                            load_llava_entries)
 
 FILE_SUFFIXES = {"webdataset": (".tar", ".tar.gz", ".tgz"), "parquet": (".parquet",), "llava": (".json", ".jsonl"),
+                 "llava-video": (".json", ".jsonl"),
                  "jsonl": (".jsonl", ".json")}
 STAGING = ".convert"
 _WARNINGS_PER_SHARD = 10  # bad entries named per shard; the rest are counted
@@ -81,7 +83,7 @@ def expand_inputs(patterns: Iterable[str], fmt: str) -> list[str]:
 
 
 def plan_shards(files: list[str], opts: ConvertOptions) -> list[Shard]:
-  if opts.format != "llava":
+  if opts.format not in ("llava", "llava-video"):
     return [Shard(path) for path in files]
   shards = []
   for path in files:
@@ -242,9 +244,9 @@ def convert(inputs: Iterable[str], data_dir: str, name: str, opts: ConvertOption
   if opts.kind == "sft" and not opts.category:
     raise ConvertError(f"--category is required for --format {opts.format} --kind sft (the SFT category of the "
                        "records)")
-  if opts.format == "llava":
+  if opts.format in ("llava", "llava-video"):
     if not os.path.isdir(opts.image_root):
-      raise ConvertError(f"--image-root {opts.image_root!r} is not a folder (required for --format llava)")
+      raise ConvertError(f"--image-root {opts.image_root!r} is not a folder (required for --format {opts.format})")
     if opts.records_per_shard < 1:
       raise ConvertError(f"--records-per-shard {opts.records_per_shard}: must be at least 1")
   elif opts.image_root and not os.path.isdir(opts.image_root):
@@ -308,12 +310,14 @@ def convert(inputs: Iterable[str], data_dir: str, name: str, opts: ConvertOption
 
 def convert_command(args) -> ConvertSummary:
   """`mm15 data convert`; args: the argparse namespace of the subcommand."""
-  kind = args.kind or ("sft" if args.format == "llava" else "")
+  kind = args.kind or ("sft" if args.format in ("llava", "llava-video") else "")
+  category = args.category or ("video" if args.format == "llava-video" else "")
   image_column, text_column = DEFAULT_COLUMNS.get(kind, ("image", "text"))
-  opts = ConvertOptions(format=args.format, kind=kind, source=args.source or args.name, category=args.category,
+  opts = ConvertOptions(format=args.format, kind=kind, source=args.source or args.name, category=category,
                         text_field=args.text_field, image_column=args.image_column or image_column,
                         text_column=args.text_column or text_column, image_root=args.image_root,
-                        records_per_shard=args.records_per_shard)
+                        records_per_shard=args.records_per_shard,
+                        video_frames=getattr(args, "video_frames", 0))
   try:
     return convert(args.input, args.out, args.name, opts, split=args.split, workers=args.workers,
                    max_bad_fraction=args.max_bad_fraction)

@@ -16,6 +16,10 @@
               relative to the image root (default: the file's folder).
   llava:      a JSON list (or JSONL) of {"id", "image": path | [paths], "conversations": [{"from", "value"}]}
               with images under an image root; becomes kind "sft".
+  llava-video: the LLaVA-Video / video-instruct layout, {"id", "video": path, "conversations": [...]} with videos
+              under the image root; becomes kind "sft" video records (data/video.py) holding the video file, or
+              `video_frames` uniformly sampled JPEG frames and their timestamps. The video's "<image>" (or "<video>")
+              marker becomes "<video>"; without one, "<video>\n" goes before the first question.
 
 A reader yields (key, record) for good entries and (key, BadEntry) for entries to skip; an error that spoils the
 whole shard (unreadable tar or parquet file, a column that does not exist) raises. Images keep their original
@@ -35,11 +39,13 @@ from typing import Any
 from PIL import Image
 
 from mm15_jax.data import records
+from mm15_jax.data import video as video_lib
 
-FORMATS = ("webdataset", "parquet", "llava", "jsonl")
+FORMATS = ("webdataset", "parquet", "llava", "jsonl", "llava-video")
 # The record kinds each format can make.
 KINDS = {"webdataset": ("ocr", "caption"), "parquet": ("ocr", "caption", "text", "interleaved", "sft"),
-         "llava": ("sft",), "jsonl": ("text", "interleaved")}
+         "llava": ("sft",), "jsonl": ("text", "interleaved"), "llava-video": ("sft",)}
+VIDEO_MAX_PIXELS = 64_000_000  # per frame, as data.max_image_pixels
 # Column (field) names by kind when none is given: (image column, text column).
 DEFAULT_COLUMNS = {"interleaved": ("images", "texts")}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff")  # preference order inside one sample
@@ -67,6 +73,7 @@ class ConvertOptions:
   text_column: str = "text"
   image_root: str = ""           # llava, and image paths in parquet / jsonl cells
   records_per_shard: int = 10000  # llava: entries per shard
+  video_frames: int = 0          # llava-video: 0 stores the video file, N stores N sampled frames
 
   def fingerprint(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -364,6 +371,11 @@ def load_llava_entries(path: str) -> list:
 
 def llava_messages(turns: Any, n_images: int) -> list[dict]:
   """LLaVA turns [{"from", "value"}] -> messages, the images' markers placed (place_images)."""
+  return place_images(llava_turns(turns), n_images)
+
+
+def llava_turns(turns: Any) -> list[dict]:
+  """LLaVA turns [{"from", "value"}] -> messages, as written."""
   if not isinstance(turns, list) or not turns:
     raise BadEntry("missing field", "no 'conversations' list")
   messages = []
@@ -371,7 +383,7 @@ def llava_messages(turns: Any, n_images: int) -> list[dict]:
     if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES or not isinstance(turn.get("value"), str):
       raise BadEntry("missing field", f"malformed turn {str(turn)[:80]!r}")
     messages.append({"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]})
-  return place_images(messages, n_images)
+  return messages
 
 
 def place_images(messages: list[dict], n_images: int) -> list[dict]:
@@ -419,4 +431,48 @@ def read_llava(shard: Shard, opts: ConvertOptions) -> Iterator[tuple[str, dict |
       yield key, e
 
 
-READERS = {"webdataset": read_webdataset, "parquet": read_parquet, "llava": read_llava, "jsonl": read_jsonl}
+def llava_video_record(entry: Any, opts: ConvertOptions) -> dict:
+  if isinstance(entry, BadEntry):
+    raise entry
+  if not isinstance(entry, dict):
+    raise BadEntry("missing field", f"entry is a {type(entry).__name__}, not an object")
+  rel = entry.get("video")
+  if not isinstance(rel, str) or not rel:
+    raise BadEntry("missing field", f"'video' is {rel!r}, not a path")
+  messages = llava_turns(entry.get("conversations"))
+  markers = sum(m["content"].count(records.IMAGE_MARKER) + m["content"].count(records.VIDEO_MARKER)
+                for m in messages)
+  if markers > 1:
+    raise BadEntry("video markers", f"{markers} video markers for one video")
+  for m in messages:
+    m["content"] = m["content"].replace(records.IMAGE_MARKER, records.VIDEO_MARKER)
+  if not markers:
+    first_user = next((m for m in messages if m["role"] == "user"), None)
+    if first_user is None:
+      raise BadEntry("video markers", "no user turn to place the video in")
+    first_user["content"] = records.VIDEO_MARKER + "\n" + first_user["content"]
+  full = os.path.join(opts.image_root, rel)
+  try:
+    with open(full, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise BadEntry("missing video file", f"{full}: {e.strerror or e}") from None
+  try:
+    images, video = video_lib.store_video(data, opts.video_frames, max_pixels=VIDEO_MAX_PIXELS, where=rel)
+  except ValueError as e:
+    raise BadEntry("unreadable video", str(e)) from None
+  return {"kind": "sft", "source": opts.source, "category": opts.category, "messages": messages, "images": images,
+          "video": video}
+
+
+def read_llava_video(shard: Shard, opts: ConvertOptions) -> Iterator[tuple[str, dict | BadEntry]]:
+  for index, entry in enumerate(shard.entries, start=shard.start):
+    key = str(entry["id"]) if isinstance(entry, dict) and "id" in entry else f"entry {index}"
+    try:
+      yield key, llava_video_record(entry, opts)
+    except BadEntry as e:
+      yield key, e
+
+
+READERS = {"webdataset": read_webdataset, "parquet": read_parquet, "llava": read_llava, "jsonl": read_jsonl,
+           "llava-video": read_llava_video}

@@ -10,6 +10,8 @@ Decoded record (the shared contract):
   images: list[bytes]
   caption/ocr/text: text; interleaved: segments (str | int image index); sft: messages [{role, content}]
   held-out sft records: answers (list[str]) and metric.
+  video sft records (data/video.py): video = {"form": "file"} (images: the video file's bytes) or {"form": "frames",
+    "timestamps": [seconds per frame]} (images: the frames in temporal order); one "<video>" mark, no "<image>".
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ KINDS = ("caption", "interleaved", "text", "ocr", "sft")
 ROLES = ("user", "assistant", "system")
 METRICS = ("exact", "vqa", "anls", "relaxed", "iou", "mc", "mme", "pope")
 IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
+VIDEO_FORMS = ("file", "frames")
 
 _FEATURES = tfds.features.FeaturesDict({
     "json": tfds.features.Tensor(shape=(), dtype=np.object_),
@@ -183,6 +187,29 @@ def require_field(fields: dict, key: str, types, where: str):
   return value
 
 
+def check_video(video: Any, messages: list, n_image_markers: int, n_images: int, where: str) -> None:
+  """The `video` field of an sft record, its marks and its stored images (see the module docstring)."""
+  if not isinstance(video, dict) or video.get("form") not in VIDEO_FORMS:
+    raise ValueError(f"{where}: field 'video' must be an object with form one of {VIDEO_FORMS}, got {video!r:.80}")
+  n_video_markers = sum(m["content"].count(VIDEO_MARKER) for m in messages)
+  if n_video_markers != 1 or n_image_markers:
+    raise ValueError(f"{where}: a video record needs one {VIDEO_MARKER} marker and no {IMAGE_MARKER} marker, got "
+                     f"{n_video_markers} and {n_image_markers}")
+  if video["form"] == "file":
+    if n_images != 1:
+      raise ValueError(f"{where}: a video of form 'file' stores the file as its one image, got {n_images}")
+    return
+  timestamps = video.get("timestamps")
+  if not n_images:
+    raise ValueError(f"{where}: a video of form 'frames' without frames")
+  if not isinstance(timestamps, list) or len(timestamps) != n_images:
+    raise ValueError(f"{where}: video timestamps must be a list with one entry per frame ({n_images} frames)")
+  if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0 for t in timestamps):
+    raise ValueError(f"{where}: video timestamps must be numbers >= 0 (seconds)")
+  if any(b < a for a, b in zip(timestamps, timestamps[1:])):
+    raise ValueError(f"{where}: video timestamps are not in temporal order")
+
+
 def decode_record(raw: dict[str, Any], *, where: str) -> dict[str, Any]:
   """On-disk example -> validated record dict; raises ValueError naming `where` ("dataset/split[index]")."""
   try:
@@ -222,7 +249,9 @@ def decode_record(raw: dict[str, Any], *, where: str) -> dict[str, Any]:
       if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
         raise ValueError(f"{where}: malformed message {m!r}")
       n_markers += m["content"].count(IMAGE_MARKER)
-    if n_markers != len(images):
+    if "video" in fields:
+      check_video(fields["video"], messages, n_markers, len(images), where)
+    elif n_markers != len(images):
       raise ValueError(f"{where}: {n_markers} {IMAGE_MARKER} markers but {len(images)} images")
     if "answers" in fields or "metric" in fields:
       answers = require_field(fields, "answers", list, where)

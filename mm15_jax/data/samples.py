@@ -10,6 +10,12 @@ with T = tokens_per_tile, tiles in placeholder order. `loss_mask[t]` says whethe
 and prompts never. Trained per kind: caption -> the caption (image first); interleaved -> all text; text -> all;
 ocr -> the transcription (image first); sft -> assistant turns (chat template, see tokenizer.py).
 
+A video sft record (records.py, data/video.py) has one "<video>" mark; it becomes its sampled frames in temporal
+order, frame k (1-based) as the image block of image k, never split, preceded by its timestamp as text
+(data.video.timestamps):  "0.5s" <img_start> <img_1> <image>*T <img_end> "1.5s" <img_start> <img_2> ...
+The image-index tokens are the frame indices (MM1.5-Video feeds frames as multi-image input); the timestamps let
+questions about time (before/after, when) be answered from the prompt.
+
 Bad records raise ValueError naming the record (`where`): missing/ill-typed fields, undecodable images, boxes or
 points outside the 0..1000 grid, and samples too long for a sequence (more than seq_len + 1 ids, i.e. more than
 seq_len input tokens) or with more tiles than max_images. Nothing is truncated silently.
@@ -25,8 +31,10 @@ import numpy as np
 from mm15_jax.config import DataConfig, SplitConfig
 from mm15_jax.data import images as images_lib
 from mm15_jax.data import records
+from mm15_jax.data import video as video_lib
 from mm15_jax.data.tokenizer import IMAGE_MARK, MAX_IMAGES_PER_SAMPLE, Tokenizer
 
+VIDEO_MARK = records.VIDEO_MARKER
 KINDS = ("caption", "interleaved", "text", "ocr", "sft")
 # "[12, 34]" or "[1, 2, 3, 4]": coordinate lists on the 0..1000 grid of the whole image.
 _COORDS = re.compile(r"\[\s*(-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?)+)\s*\]")
@@ -70,11 +78,19 @@ class SampleSpec:
   seq_len: int            # input tokens per sequence (a sample may have seq_len + 1 ids)
   max_images: int         # tiles per sample (and per packed sequence)
   max_pixels: int
+  video_frames: int = 24  # data.video.frames
+  video_timestamps: bool = True
+
+  def __post_init__(self):
+    if not 1 <= self.video_frames <= MAX_IMAGES_PER_SAMPLE:
+      raise ValueError(f"data.video.frames must be in 1..{MAX_IMAGES_PER_SAMPLE} (image-index tokens), got "
+                       f"{self.video_frames}")
 
   @classmethod
   def from_config(cls, data_cfg: DataConfig, *, tile_size: int, tokens_per_tile: int) -> SampleSpec:
     return cls(split=data_cfg.split, tile_size=tile_size, tokens_per_tile=tokens_per_tile,
-               seq_len=data_cfg.seq_len, max_images=data_cfg.max_images, max_pixels=data_cfg.max_image_pixels)
+               seq_len=data_cfg.seq_len, max_images=data_cfg.max_images, max_pixels=data_cfg.max_image_pixels,
+               video_frames=data_cfg.video.frames, video_timestamps=data_cfg.video.timestamps)
 
 
 def check_coordinates(text: str, where: str) -> None:
@@ -111,6 +127,7 @@ class _Builder:
   def __init__(self, record: dict, tokenizer: Tokenizer, spec: SampleSpec, where: str, n_images: int,
                n_max: int | None = None):
     self.tok, self.spec, self.where, self.n_max = tokenizer, spec, where, n_max
+    self.record = record
     raw_images = records.require_field(record, "images", list, where)
     self.raw_images = raw_images
     self.allow_split = n_images <= spec.split.max_images_to_split
@@ -118,6 +135,7 @@ class _Builder:
     self.mask: list[int] = [0] * len(self.ids)
     self.images: list[images_lib.SplitImage] = []
     self.n_used = 0
+    self.frames: list[np.ndarray] | None = None  # a video's sampled frames (expand_video)
 
   def add(self, ids: list[int], trained: bool) -> None:
     self.ids += ids
@@ -128,7 +146,16 @@ class _Builder:
     return self.tok.encode(text) if text else []
 
   def image(self, index: int) -> list[int]:
-    """Ids of the image's block; its tiles are appended to the sample's image list."""
+    """Ids of the image's block (a video's frame once `expand_video` ran); its tiles are appended to the sample's
+    image list."""
+    if self.frames is not None:
+      if not 0 <= index < len(self.frames):
+        raise ValueError(f"{self.where}: frame index {index} but the video has {len(self.frames)} sampled frames")
+      split = images_lib.split_image(self.frames[index], self.spec.split, tile_size=self.spec.tile_size,
+                                     allow_split=False)
+      self.n_used += 1
+      self.images.append(split)
+      return image_block(self.tok, self.n_used, split, self.spec.tokens_per_tile, self.spec.split.tile_markers)
     if not 0 <= index < len(self.raw_images):
       raise ValueError(f"{self.where}: image index {index} but the record has {len(self.raw_images)} images")
     raw = self.raw_images[index]
@@ -151,6 +178,18 @@ class _Builder:
         check_coordinates(message["content"], self.where)
     return self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                         image_ids=lambda: self.image(self.n_used), where=self.where)
+
+  def expand_video(self, messages: list) -> list:
+    """A video record's messages with its "<video>" mark replaced by one "<image>" mark per sampled frame, each
+    after its timestamp text ("0.5s<image>1.5s<image>..."); `image` then takes the frames in order. Other records'
+    messages are returned as they are."""
+    if "video" not in self.record:
+      return messages
+    frames = video_lib.record_frames(self.record, self.spec.video_frames, max_pixels=self.spec.max_pixels,
+                                     where=self.where)
+    self.frames = frames.pixels
+    marks = "".join((f"{t:.1f}s" if self.spec.video_timestamps else "") + IMAGE_MARK for t in frames.timestamps)
+    return [dict(m, content=m["content"].replace(VIDEO_MARK, marks)) for m in messages]
 
   def finish(self, *, eos: bool, max_ids: int) -> Sample:
     if eos:
@@ -200,19 +239,21 @@ def make_sample(record: dict, tokenizer: Tokenizer, spec: SampleSpec, *, where: 
         raise ValueError(f"{where}: segment {seg!r:.40} is neither str nor int")
   else:  # sft
     messages = records.require_field(record, "messages", list, where)
-    _check_image_marks(messages, len(images), where)
+    _check_image_marks(messages, len(images), where, record)
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
       raise ValueError(f"{where}: sft record without an assistant turn")
-    turn_ids, trained = b.chat(messages)
+    turn_ids, trained = b.chat(b.expand_video(messages))
     b.ids += turn_ids
     b.mask += trained
   return b.finish(eos=True, max_ids=spec.seq_len + 1)
 
 
-def _check_image_marks(messages: Sequence[Any], n_images: int, where: str) -> None:
+def _check_image_marks(messages: Sequence[Any], n_images: int, where: str, record: dict | None = None) -> None:
   marks = sum(m.get("content", "").count(IMAGE_MARK) for m in messages
               if isinstance(m, dict) and isinstance(m.get("content"), str))
-  if marks != n_images:
+  if record is not None and "video" in record:
+    records.check_video(record["video"], messages, marks, n_images, where)
+  elif marks != n_images:
     raise ValueError(f"{where}: {marks} '{IMAGE_MARK}' marks in the messages but {n_images} images")
 
 
@@ -230,8 +271,8 @@ def encode_prompt(record: dict, tokenizer: Tokenizer, spec: SampleSpec, *, n_max
     raise ValueError(f"{where}: no user turn to prompt with")
   prompt = messages[:last_user + 1]
   images = records.require_field(record, "images", list, where)
-  _check_image_marks(messages, len(images), where)
+  _check_image_marks(messages, len(images), where, record)
   b = _Builder(record, tokenizer, spec, where, n_images=len(images), n_max=n_max)
-  turn_ids, _ = b.chat(prompt, add_generation_prompt=True)
+  turn_ids, _ = b.chat(b.expand_video(prompt), add_generation_prompt=True)
   b.add(turn_ids, trained=False)
   return b.finish(eos=False, max_ids=spec.seq_len)

@@ -1,10 +1,15 @@
 """Builds the synthetic corpus: every dataset of the three stages, held-out splits and a tokenizer.
 
-  mm15 data synth --out DIR [--seed N] [--scale X]
+  mm15 data synth --out DIR [--seed N] [--scale X] [--video]
 
 Each dataset split draws from its own generator, seeded by (seed, crc32 of "name/split"), so a build is a pure
 function of the seed and scale: the same seed gives byte-identical records, and adding a dataset leaves the others
 unchanged. The tokenizer is a sentencepiece BPE model trained on the corpus text (byte fallback, single digits).
+
+--video adds the synthetic video QA datasets (synth_video.py, train and held-out test splits) to DIR, building the
+image corpus there first when DIR has none. The tokenizer stays the image corpus's (video questions are encoded with
+it, byte fallback included), so a checkpoint trained on the image corpus continues on video; the image datasets and
+the tokenizer are byte-identical with and without --video.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from etils import epath
 
 from mm15_jax.data import records
 from mm15_jax.data import tokenizer as tokenizer_lib
-from mm15_jax.data import synth_docs, synth_scenes, synth_sft
+from mm15_jax.data import synth_docs, synth_scenes, synth_sft, synth_video
 
 Maker = Callable[[np.random.Generator, str], dict]
 
@@ -65,7 +70,7 @@ def split_rng(seed: int, name: str, split: str) -> np.random.Generator:
 
 def generate(name: str, split: str, count: int, seed: int) -> Iterator[dict]:
   """The records of one dataset split, in order."""
-  maker = DATASETS[name][0]
+  maker = {**DATASETS, **synth_video.DATASETS}[name][0]
   rng = split_rng(seed, name, split)
   for _ in range(count):
     yield maker(rng, split)
@@ -120,6 +125,35 @@ def build_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: float = 1.
   return summary
 
 
+def build_video_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: float = 1.0,
+                       progress: Callable[[str], None] | None = print) -> dict:
+  """Writes the video datasets into out_dir (after the image corpus, built first if out_dir has none) and records
+  them under "video_datasets" in corpus.json; returns its content."""
+  progress = progress or (lambda _: None)
+  out = epath.Path(out_dir)
+  if not (out / CORPUS_FILE).exists():
+    build_corpus(out, seed=seed, scale=scale, progress=progress)
+  summary = json.loads((out / CORPUS_FILE).read_text())
+  if (summary["seed"], summary["scale"]) != (seed, scale):
+    progress(f"synth: note: the image corpus in {out} was built with seed {summary['seed']}, scale "
+             f"{summary['scale']}; the video datasets use seed {seed}, scale {scale}")
+  counts = {name: {split: max(1, round(n * scale)) for split, n in (("train", n_train), ("test", n_test))}
+            for name, (_, n_train, n_test) in synth_video.DATASETS.items()}
+  for name, split_sizes in counts.items():
+    t0 = time.time()
+    records.write_source(out, name, {split: generate(name, split, n, seed) for split, n in split_sizes.items()},
+                         description=f"synthetic {name} (seed {seed}, scale {scale})")
+    sizes = ", ".join(f"{split} {n}" for split, n in split_sizes.items())
+    progress(f"synth: {name:<18} {sizes:<22} {time.time() - t0:5.1f}s")
+  summary["video_datasets"] = counts
+  (out / CORPUS_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+  return summary
+
+
 def synth_command(args) -> None:
-  """`mm15 data synth --out DIR [--seed N] [--scale X]`; args: argparse namespace with out, seed, scale."""
-  build_corpus(args.out, seed=int(args.seed), scale=float(args.scale))
+  """`mm15 data synth --out DIR [--seed N] [--scale X] [--video]`; args: argparse namespace with out, seed, scale
+  (and video)."""
+  if getattr(args, "video", False):
+    build_video_corpus(args.out, seed=int(args.seed), scale=float(args.scale))
+  else:
+    build_corpus(args.out, seed=int(args.seed), scale=float(args.scale))

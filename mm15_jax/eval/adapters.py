@@ -19,6 +19,15 @@
            BLINK): parquet or JSONL rows {question, options |   paths relative to --images
            choices, answer, image_list | images | image_1..n,
            task | sub_task}                    metric mc, category Multi-image
+  videomme Video-MME: parquet or JSONL rows {videoID, question,   <videoID>.mp4 (or .mkv/.webm/.avi/.mov, also
+           options ["A. ...", ...], answer letter, duration,   under data/ or videos/)
+           task_type}                          metric mc, category Video, subset = duration
+  video_mc multiple choice over a video (MVBench style): JSON     paths relative to --images
+           list, JSONL or parquet rows {video, question,
+           options | candidates, answer (letter or option text),
+           task}                               metric mc, category Video (--category)
+Video examples (data/video.py) store the video file (`frames` 0, its first frame checked to decode) or `frames`
+uniformly sampled JPEG frames with their timestamps.
 A RefCOCO ref gives one example per sentence: "Where is <sentence>? Answer with a box.", answered by the ref's
 annotation box [x, y, w, h] (pixels) as "[x1, y1, x2, y2]" on the 0..1000 grid of the whole image.
 
@@ -39,6 +48,7 @@ import random
 from typing import Callable, Iterable, Iterator, Sequence
 
 from mm15_jax.data import records
+from mm15_jax.data import video as video_lib
 from mm15_jax.eval import suites
 
 REFER_PROMPT = "Where is {}? Answer with a box."
@@ -47,7 +57,9 @@ SHORT_ANSWER = "Answer the question using a single word or phrase."
 # The instruction appended to each question by default; "" where the question or its options already say how to
 # answer (MME's questions end in "Please answer yes or no.", multiple choice gets suites.MC_INSTRUCTION).
 DEFAULT_INSTRUCTIONS = {"textvqa": SHORT_ANSWER, "docvqa": SHORT_ANSWER, "chartqa": SHORT_ANSWER, "refcoco": "",
-                        "mme": "", "pope": SHORT_ANSWER, "multi_mc": ""}
+                        "mme": "", "pope": SHORT_ANSWER, "multi_mc": "", "videomme": "", "video_mc": ""}
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+VIDEO_MAX_PIXELS = 64_000_000  # per frame, as data.max_image_pixels
 YES_NO = ("yes", "no")
 
 
@@ -322,10 +334,88 @@ def multi_mc_examples(path: str, images_dir: str, *, name: str = "MuirBench", in
                               example_id=row.get("idx", row.get("id", where)), **extra)
 
 
+def _video(images_dir: str, reference: str, frames: int, where: str) -> tuple[list[bytes], dict]:
+  """(images, video field) of the video `reference` (a path or an id without suffix) under images_dir."""
+  stem = os.path.join(images_dir, reference)
+  candidates = [stem] + [os.path.join(images_dir, sub, reference) + suffix for sub in ("", "data", "videos")
+                         for suffix in VIDEO_SUFFIXES]
+  path = next((c for c in candidates if os.path.isfile(c)), None)
+  if path is None:
+    raise FileNotFoundError(f"{where}: video {stem} not found (also tried {'/'.join(VIDEO_SUFFIXES)} suffixes and "
+                            "the data/ and videos/ folders)")
+  return video_lib.store_video(suites.read_image(path, where), frames, max_pixels=VIDEO_MAX_PIXELS,
+                               where=f"{where} video {path}")
+
+
+def _option_texts(options, where: str) -> list[str]:
+  """Options as texts: Video-MME writes "A. text", strip the letters it already carries."""
+  if isinstance(options, str) or not isinstance(options, (list, tuple)) or not options:
+    raise ValueError(f"{where}: field 'options' must be a non-empty list, got {options!r:.80}")
+  texts = []
+  for letter, option in zip("ABCDEFGHIJKLMNOPQRSTUVWXYZ", options):
+    option = str(option).strip()
+    for prefix in (f"{letter}. ", f"({letter}) ", f"{letter}) "):
+      if option.startswith(prefix):
+        option = option[len(prefix):].strip()
+        break
+    texts.append(option)
+  return texts
+
+
+def videomme_examples(path: str, images_dir: str, *, name: str = "Video-MME", instruction: str = "",
+                      frames: int = 0) -> Iterator[dict]:
+  for where, row in _rows(path):
+    video_id = row.get("videoID", row.get("video_id", row.get("video")))
+    if not isinstance(video_id, str) or not video_id:
+      raise ValueError(f"{where}: no video (expected a 'videoID', 'video_id' or 'video' field)")
+    answer = _field(row, "answer", str, where).strip()
+    images, video = _video(images_dir, video_id, frames, where)
+    extra = {"subset": str(row["duration"])} if row.get("duration") else {}
+    if row.get("task_type"):
+      extra["task"] = str(row["task_type"])
+    yield suites.make_example(source=name, category="Video", metric="mc", question=row.get("question"),
+                              answers=[answer], images=images, video=video,
+                              choices=_option_texts(row.get("options"), where), instruction=instruction,
+                              where=where, example_id=str(row.get("question_id", where)), **extra)
+
+
+def _list_or_rows(path: str) -> Iterator[tuple[str, dict]]:
+  """Rows of a JSON list file (MVBench), else of a parquet or JSONL file (`_rows`)."""
+  if path.endswith(".json"):
+    content = _load_json(path)
+    if not isinstance(content, list):
+      raise ValueError(f"{path}: expected a JSON list of questions, got {type(content).__name__}")
+    for k, item in enumerate(content):
+      if not isinstance(item, dict):
+        raise ValueError(f"{path}[{k}]: expected an object, got {type(item).__name__}")
+      yield f"{path}[{k}]", item
+    return
+  yield from _rows(path)
+
+
+def video_mc_examples(path: str, images_dir: str, *, name: str = "MVBench", instruction: str = "",
+                      category: str = "Video", frames: int = 0) -> Iterator[dict]:
+  for where, row in _list_or_rows(path):
+    reference = _field(row, "video", str, where)
+    answer = row.get("answer")
+    if not isinstance(answer, str) or not answer.strip():
+      raise ValueError(f"{where}: field 'answer' must be an option letter or an option's text, got {answer!r}")
+    answer = answer.strip()
+    if len(answer) == 3 and answer[0] == "(" and answer[2] == ")":
+      answer = answer[1]
+    images, video = _video(images_dir, reference, frames, where)
+    task = row.get("task", row.get("task_type"))
+    yield suites.make_example(source=name, category=category, metric="mc", question=row.get("question"),
+                              answers=[answer], images=images, video=video,
+                              choices=_option_texts(row.get("options", row.get("candidates")), where),
+                              instruction=instruction, where=where, example_id=str(row.get("id", where)),
+                              **({"subset": str(task)} if task else {}))
+
+
 FORMATS: dict[str, Callable[..., Iterator[dict]]] = {
     "textvqa": textvqa_examples, "docvqa": docvqa_examples, "chartqa": chartqa_examples,
     "refcoco": refcoco_examples, "jsonl": jsonl_examples, "mme": mme_examples, "pope": pope_examples,
-    "multi_mc": multi_mc_examples,
+    "multi_mc": multi_mc_examples, "videomme": videomme_examples, "video_mc": video_mc_examples,
 }
 
 

@@ -17,12 +17,15 @@ CATEGORY_BENCHMARKS: dict[str, tuple[str, ...]] = {
     "Refer&Ground": ("RefCOCO", "RefCOCO+", "RefCOCOg", "Flickr30k", "LVIS-Ref", "Ferret-Bench"),
     "Multi-image": ("NLVR2", "MuirBench"),
     "In-context learning": ("VL-ICL",),
+    # MM1.5-Video's multiple-choice video benchmarks (frames as multi-image input).
+    "Video": ("Video-MME", "MVBench", "EgoSchema", "NExTQA", "IntentQA", "LongVideoBench"),
 }
 # Held-out ("test" split) sets of the synthetic corpus, grouped like the paper's categories.
 HELDOUT_CATEGORIES: dict[str, tuple[str, ...]] = {
     "General": ("sft_general",),
     "Text-rich": ("sft_text_rich",),
     "Refer&Ground": ("sft_refer_ground",),
+    "Video": ("video_qa",),
 }
 MMBASE_CATEGORIES = ("General", "Text-rich", "Knowledge")
 

@@ -7,7 +7,8 @@ An example is a held-out sft record: one user turn whose "<image>" marks place t
   - a JSONL file, one example a line:
       {"image": "a.jpg" | ["a.jpg", "b.jpg"], "question": str, "answers": [str], "choices": [str] (optional)}
     image paths relative to the file. With "choices" the options are listed after the question as "A. ...", and
-    an answer equal to a choice's text becomes that choice's letter (the "mc" metric compares letters).
+    an answer equal to a choice's text becomes that choice's letter (the "mc" metric compares letters). A video
+    example has {"video": "clip.mp4"} instead of "image" (the file is stored; data/video.py samples its frames).
 """
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ from mm15_jax.data import records
 from mm15_jax.eval import metrics, report as report_lib
 
 IMAGE_MARK = records.IMAGE_MARKER
+VIDEO_MARK = records.VIDEO_MARKER
 PAPER_CATEGORIES = tuple(report_lib.CATEGORY_BENCHMARKS)
 # SFT categories (the `category` field of records) -> the paper's evaluation categories. Knowledge gathers science
 # and math; code and text-only data have no evaluation category of their own.
 SFT_TO_PAPER = {"general": "General", "text_rich": "Text-rich", "refer_ground": "Refer&Ground",
-                "science": "Knowledge", "math": "Knowledge", "multi_image": "Multi-image"}
+                "science": "Knowledge", "math": "Knowledge", "multi_image": "Multi-image", "video": "Video"}
 PAPER_TO_SFT = {"General": "general", "Text-rich": "text_rich", "Refer&Ground": "refer_ground",
-                "Multi-image": "multi_image"}
+                "Multi-image": "multi_image", "Video": "video"}
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
@@ -58,11 +60,13 @@ def check_name(name: str) -> str:
 
 def make_example(*, source: str, category: str, metric: str, question: str, answers: Sequence[str],
                  images: Sequence[bytes], choices: Sequence[str] | None = None, instruction: str = "",
-                 where: str, **extra) -> dict:
+                 where: str, video: dict | None = None, **extra) -> dict:
   """One held-out sft record: a single user turn "<image>\\n" * n_images + question (+ options, instruction).
 
   `category` is the paper's category (the record stores its SFT name where one exists). A question that already
-  holds "<image>" marks keeps them; their count must match the images. `extra` fields (ids) are kept as is.
+  holds "<image>" marks keeps them; their count must match the images. With `video` (a video record's field,
+  data/video.py) `images` are the video's stored images and the turn starts with "<video>\\n" instead. `extra`
+  fields (ids) are kept as is.
   """
   if not isinstance(question, str) or not question.strip():
     raise ValueError(f"{where}: empty or missing question")
@@ -78,7 +82,11 @@ def make_example(*, source: str, category: str, metric: str, question: str, answ
   if instruction:
     text = f"{text}\n{instruction}"
   marks = text.count(IMAGE_MARK)
-  if marks == 0:
+  if video is not None:
+    text = f"{VIDEO_MARK}\n{text}"
+    records.check_video(video, [{"content": text}], marks, len(images), where)
+    extra["video"] = video
+  elif marks == 0:
     text = f"{IMAGE_MARK}\n" * len(images) + text
   elif marks != len(images):
     raise ValueError(f"{where}: the question has {marks} {IMAGE_MARK} marks but the example has {len(images)} "
@@ -188,15 +196,19 @@ def read_jsonl(path: str, *, source: str, category: str, metric: str, instructio
       raise ValueError(f"{where}: not JSON ({e.msg})") from None
     if not isinstance(item, dict):
       raise ValueError(f"{where}: expected an object, got {type(item).__name__}")
-    unknown = set(item) - {"image", "question", "answers", "choices", "id"}
+    unknown = set(item) - {"image", "video", "question", "answers", "choices", "id"}
     if unknown:
       raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
     paths = item.get("image", [])
     paths = [paths] if isinstance(paths, str) else paths
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
       raise ValueError(f"{where}: field 'image' must be a path or a list of paths, got {item.get('image')!r}")
-    images = [read_image(os.path.join(root, p), where) for p in paths]
     extra = {"example_id": item["id"]} if "id" in item else {}
+    if "video" in item:
+      if paths or not isinstance(item["video"], str) or not item["video"]:
+        raise ValueError(f"{where}: field 'video' must be one path, and an example has a video or images")
+      paths, extra["video"] = [item["video"]], {"form": "file"}
+    images = [read_image(os.path.join(root, p), where) for p in paths]
     out.append(make_example(source=source, category=category, metric=metric, question=item.get("question"),
                             answers=item.get("answers"), images=images, choices=item.get("choices"),
                             instruction=instruction, where=where, **extra))
