@@ -14,7 +14,7 @@ Decoded record (the shared contract):
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
+
+from mm15_jax import paths
 
 VERSION = "1.0.0"
 KINDS = ("caption", "interleaved", "text", "ocr", "sft")
@@ -89,7 +91,7 @@ def write_source(data_dir: str | epath.PathLike, name: str, splits: dict[str, It
     raise ValueError(f"write_source({data_dir}, {name}): no splits given")
   target = epath.Path(data_dir) / name
   if target.exists():
-    shutil.rmtree(target)
+    target.rmtree()
   generators = {split: _examples(records, f"{name}/{split}") for split, records in splits.items()}
   builder = _RecordBuilder(name=name, splits=generators, description=description or name,
                            data_dir=str(data_dir), file_format="array_record")
@@ -116,8 +118,12 @@ def _version_dir(data_dir: epath.Path, name: str) -> epath.Path | None:
 def list_sources(data_dir: str | epath.PathLike) -> list[str]:
   """Names of the datasets stored under `data_dir`, sorted."""
   root = epath.Path(data_dir)
-  if not root.is_dir():
-    raise FileNotFoundError(f"data dir {root} does not exist")
+  try:
+    found = root.is_dir()
+  except Exception as e:  # credentials, permission: each object-store client raises its own types
+    raise paths.storage_error(data_dir, e, what="data dir") from e
+  if not found:
+    raise paths.storage_error(data_dir, FileNotFoundError(os.fspath(root)), what="data dir")
   return sorted(d.name for d in root.iterdir() if d.is_dir() and _version_dir(root, d.name) is not None)
 
 

@@ -27,6 +27,8 @@ import numpy as np
 from etils import epath
 import sentencepiece as spm
 
+from mm15_jax import paths
+
 MAX_IMAGES_PER_SAMPLE = 32
 MAX_GRID_SIDE = 16
 ROLES = ("system", "user", "assistant")
@@ -49,10 +51,9 @@ class Tokenizer:
       raise ValueError("Tokenizer: give exactly one of model_path, model_proto")
     if model_proto is None:
       try:
-        with open(model_path, "rb") as f:
-          model_proto = f.read()
-      except OSError as e:
-        raise FileNotFoundError(f"tokenizer model {model_path!r} cannot be read: {e}") from e
+        model_proto = epath.Path(model_path).read_bytes()
+      except Exception as e:  # OSError locally; each object-store client raises its own types
+        raise paths.storage_error(model_path, e, what="tokenizer model") from e
     self._proto = model_proto
     self.model_path = model_path
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)

@@ -42,7 +42,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mm15_jax import config as config_lib
-from mm15_jax import sharding
+from mm15_jax import paths, sharding
 from mm15_jax.config import ConnectorConfig, MeshConfig, ModelConfig, MoEConfig
 from mm15_jax.models import hf_import, layers
 from mm15_jax.models.connector import CAbstractor
@@ -167,7 +167,7 @@ def import_params(cfg: ModelConfig, vision_store, decoder_store, mesh: Mesh, *, 
 
 def save_checkpoint(directory: str, params: nnx.State, meta: dict[str, Any], step: int = 0) -> None:
   """`<directory>/<step>/{params, meta}`, readable by train.checkpoint.restore_params / read_meta."""
-  directory = os.path.abspath(directory)
+  directory = paths.absolute(directory)
   # Each replicated shard is written by one replica: replica-parallel writes would compile a slicing program per
   # parameter, which costs more than it saves in a one-off write.
   arrays = ocp.type_handlers.create_type_handler_registry(
@@ -187,16 +187,21 @@ def save_checkpoint(directory: str, params: nnx.State, meta: dict[str, Any], ste
 def convert(vision_dir: str, decoder_dir: str, out_dir: str, *, connector: ConnectorConfig | None = None,
             vocab_size: int = 0, tokenizer: str = "", upcycle: MoEConfig | None = None, feature_layer: int = -1,
             mesh: Mesh | None = None, seed: int = 0) -> ModelConfig:
-  """Converts and writes the checkpoint; returns its ModelConfig. mesh: default all devices on the fsdp axis."""
-  cfg, hf_vocab = model_config(read_hf_config(vision_dir, vision=True), read_hf_config(decoder_dir, vision=False),
-                               connector=connector or ConnectorConfig(), vocab_size=vocab_size, tokenizer=tokenizer,
-                               upcycle=upcycle, feature_layer=feature_layer)
-  mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=1, fsdp=-1))
-  params = import_params(cfg, hf_import.SafetensorsStore(vision_dir), hf_import.SafetensorsStore(decoder_dir),
-                         mesh, upcycle=upcycle is not None, seed=seed)
+  """Converts and writes the checkpoint; returns its ModelConfig. mesh: default all devices on the fsdp axis.
+
+  Model folders on an object store are downloaded to a temporary local folder first (safetensors maps files).
+  """
+  with paths.local_copy(vision_dir) as vision_local, paths.local_copy(decoder_dir) as decoder_local:
+    cfg, hf_vocab = model_config(read_hf_config(vision_local, vision=True),
+                                 read_hf_config(decoder_local, vision=False), connector=connector or ConnectorConfig(),
+                                 vocab_size=vocab_size, tokenizer=tokenizer, upcycle=upcycle,
+                                 feature_layer=feature_layer)
+    mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=1, fsdp=-1))
+    params = import_params(cfg, hf_import.SafetensorsStore(vision_local), hf_import.SafetensorsStore(decoder_local),
+                           mesh, upcycle=upcycle is not None, seed=seed)
   random_parts = ["connector"] + (["decoder MoE routers"] if upcycle is not None else [])
   meta = {"model": config_lib.to_dict(cfg), "step": 0,
-          "source": {"vision": os.path.abspath(vision_dir), "decoder": os.path.abspath(decoder_dir),
+          "source": {"vision": paths.absolute(vision_dir), "decoder": paths.absolute(decoder_dir),
                      "hf_vocab_size": hf_vocab, "vocab_size": cfg.decoder.vocab_size, "new_vocab_rows": NEW_ROWS,
                      "upcycled": upcycle is not None, "random_init": random_parts, "seed": seed}}
   save_checkpoint(out_dir, params, meta)
@@ -216,6 +221,6 @@ def command(a) -> None:
                 upcycle=upcycle, feature_layer=a.feature_layer, mesh=mesh, seed=a.seed)
   from mm15_jax.models.count import count
   n = count(cfg)
-  print(json.dumps({"out": os.path.abspath(a.out), "decoder_vocab": cfg.decoder.vocab_size,
+  print(json.dumps({"out": paths.absolute(a.out), "decoder_vocab": cfg.decoder.vocab_size,
                     "parameters_M": {k: round(v["total"] / 1e6, 1) for k, v in n.items()}}, indent=2))
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mm15_jax import sharding
+from mm15_jax import paths, sharding
 from mm15_jax import config as config_lib
 from mm15_jax.config import Experiment
 from mm15_jax.data import pipeline as pipeline_lib
@@ -97,7 +97,7 @@ def _vocab_and_image_id(exp: Experiment, index: int) -> tuple[int, int]:
   id: which id marks images changes neither shapes, memory nor FLOPs)."""
   stage = exp.stages[index]
   path = stage.data.tokenizer
-  if path and not path.startswith("gs://") and os.path.exists(path):
+  if path and paths.is_local(path) and os.path.exists(path):  # no object-store access for a compile
     from mm15_jax.data.tokenizer import Tokenizer
     tok = Tokenizer(path)
     return tok.vocab_size, tok.image_id
