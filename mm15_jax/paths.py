@@ -124,6 +124,14 @@ class LineLog:
       self._f.close()
 
 
+def upload_tree(local_dir: str, target: PathLike) -> None:
+  """Copies the files under `local_dir` to folder `target` (any epath URL), keeping the layout."""
+  for folder, _, files in os.walk(local_dir):
+    dest = epath.Path(target) / os.path.relpath(folder, local_dir)
+    for f in files:
+      epath.Path(folder, f).copy(dest / f, overwrite=True)
+
+
 @contextlib.contextmanager
 def local_copy(p: PathLike) -> Iterator[str]:
   """A local file or folder with the contents of `p`: `p` itself when local, else a temporary download."""

@@ -86,23 +86,30 @@ def _examples(records: Iterable[dict], where: str) -> Iterator[tuple[int, dict]]
 
 def write_source(data_dir: str | epath.PathLike, name: str, splits: dict[str, Iterable[dict]], *,
                  description: str = "") -> None:
-  """Writes `splits` (split name -> records) as dataset `name` under `data_dir`, replacing an existing one."""
+  """Writes `splits` (split name -> records) as dataset `name` under `data_dir`, replacing an existing one.
+
+  ArrayRecord writes local files only (it reads gs:// directly): on an object store the dataset is built in a
+  temporary local folder and uploaded once complete.
+  """
   if not splits:
     raise ValueError(f"write_source({data_dir}, {name}): no splits given")
-  target = epath.Path(data_dir) / name
-  if target.exists():
-    target.rmtree()
   generators = {split: _examples(records, f"{name}/{split}") for split, records in splits.items()}
-  builder = _RecordBuilder(name=name, splits=generators, description=description or name,
-                           data_dir=str(data_dir), file_format="array_record")
-  tqdm_utils = tfds.core.utils.tqdm_utils
-  was_active = getattr(tqdm_utils, "_active", True)
-  tfds.display_progress_bar(False)
-  try:
-    with tempfile.TemporaryDirectory() as download_dir:  # keeps an empty downloads/ out of data_dir
-      builder.download_and_prepare(file_format="array_record", download_dir=download_dir)
-  finally:
-    tfds.display_progress_bar(was_active)
+  target = epath.Path(data_dir) / name
+  with tempfile.TemporaryDirectory() as scratch:
+    build_dir = data_dir if paths.is_local(data_dir) else os.path.join(scratch, "data")
+    if target.exists():
+      target.rmtree()
+    builder = _RecordBuilder(name=name, splits=generators, description=description or name,
+                             data_dir=str(build_dir), file_format="array_record")
+    tqdm_utils = tfds.core.utils.tqdm_utils
+    was_active = getattr(tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    try:  # the download dir keeps an empty downloads/ out of data_dir
+      builder.download_and_prepare(file_format="array_record", download_dir=os.path.join(scratch, "downloads"))
+    finally:
+      tfds.display_progress_bar(was_active)
+    if not paths.is_local(data_dir):
+      paths.upload_tree(os.path.join(build_dir, name), target)
 
 
 def _version_dir(data_dir: epath.Path, name: str) -> epath.Path | None:
