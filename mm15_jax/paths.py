@@ -13,6 +13,7 @@ import tempfile
 import uuid
 from typing import Iterator
 
+import fsspec
 from etils import epath
 
 Path = epath.Path
@@ -97,9 +98,10 @@ def ensure_writable_dir(p: PathLike) -> epath.Path:
 
 
 class LineLog:
-  """Appends lines to a text file; on an object store (no append) it rewrites the whole object on each write.
+  """Appends lines to a text file, kept across reopenings (a resumed run continues its log).
 
-  The lines already there are kept (a resumed run continues its log). A failed write raises: the caller stops.
+  Object stores have no append: on GCS each write uploads the new line and composes it onto the object (constant
+  cost per line); other stores rewrite the whole object. A failed write raises: the caller stops.
   """
 
   def __init__(self, p: PathLike):
@@ -108,16 +110,26 @@ class LineLog:
     if self._local:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       self._f = open(self.path, "a")
-    else:
-      self._text = self.path.read_text() if self.path.exists() else ""
+      return
+    self._fs, self._name = fsspec.core.url_to_fs(os.fspath(self.path))
+    self._compose = getattr(self._fs, "merge", None)  # gcsfs: GCS compose
+    self._exists = self.path.exists()
+    self._text = "" if self._compose or not self._exists else self.path.read_text()
 
   def write(self, line: str):
+    line += "\n"
     if self._local:
-      self._f.write(line + "\n")
+      self._f.write(line)
       self._f.flush()
+    elif self._compose and self._exists:
+      part = f"{self._name}.part-{uuid.uuid4().hex}"
+      self._fs.pipe_file(part, line.encode())
+      self._compose(self._name, [self._name, part])
+      self._fs.rm_file(part)
     else:
-      self._text += line + "\n"
+      self._text += line
       self.path.write_text(self._text)
+      self._exists = True
 
   def close(self):
     if self._local:

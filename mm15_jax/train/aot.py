@@ -253,9 +253,10 @@ def command(exp: Experiment, stages: list[str], topology: str, num_slices: int =
       log(format_report(report))
       reports.append(report)
       if json_path:
-        with open(json_path, "a") as f:
-          f.write(json.dumps({"experiment": exp.name, "overrides": list(overrides) + ([extra] if extra else []),
-                              **dataclasses.asdict(report), "fits": report.fits}) + "\n")
+        out = paths.LineLog(json_path)
+        out.write(json.dumps({"experiment": exp.name, "overrides": list(overrides) + ([extra] if extra else []),
+                              **dataclasses.asdict(report), "fits": report.fits}))
+        out.close()
       if fit and report.fits is None:
         raise ValueError(f"--fit needs a chip whose HBM is known ({sorted(HBM_BYTES)}); {report.device_kind} "
                          f"is not one: give a TPU --topology")
