@@ -3,6 +3,7 @@
 
 The clients find the server through their standard variables only; nothing in mm15_jax knows about it.
 """
+import hashlib
 import json
 import os
 import signal
@@ -199,3 +200,28 @@ def test_missing_bucket_is_one_line(gcs, env, workspace):
     assert "gs://no-such-bucket" in last and "does not exist" in last and "gcloud storage buckets create" in last
     assert "Traceback" not in result.stderr
   assert gcs.objects(BUCKET) == before  # nothing in the existing bucket was touched
+
+
+def test_convert_into_bucket(gcs, env, workspace, tmp_path):
+  from test_convert import _wds_shards
+  shards, expected = _wds_shards(tmp_path)
+  converted = run(mm15("data", "convert", "--format", "webdataset", "--input", *shards, "--out", f"gs://{BUCKET}/conv",
+                       "--name", "ocr_x", "--kind", "ocr", "--max-bad-fraction", "0.5"), env, workspace)
+  assert converted.returncode == 0, converted.stderr[-3000:]
+  read_back = run([sys.executable, "-c", textwrap.dedent(f"""
+      import hashlib, json
+      from mm15_jax.data import records
+      print(json.dumps([[r["text"], hashlib.sha1(r["images"][0]).hexdigest()]
+                        for r in records.open_source("gs://{BUCKET}/conv", "ocr_x", "train")]))
+      """)], env, workspace)
+  assert read_back.returncode == 0, read_back.stderr[-3000:]
+  want = [[r["text"], hashlib.sha1(r["images"][0]).hexdigest()] for r in expected]
+  assert json.loads(read_back.stdout.strip().splitlines()[-1]) == want
+  assert not any(".convert" in n for n in gcs.objects(BUCKET, "conv/"))  # shards are staged locally
+
+
+def test_failed_metrics_write_raises(env, workspace):
+  """The training loop's metrics writer raises on a write the bucket refuses (the run stops, it does not go on)."""
+  result = run([sys.executable, "-c", "from mm15_jax.train.metrics import MetricsWriter; "
+                "MetricsWriter('gs://no-such-bucket/run').write(1, {'loss': 1.0})"], env, workspace)
+  assert result.returncode != 0 and "no-such-bucket" in result.stderr
