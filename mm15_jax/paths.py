@@ -16,7 +16,6 @@ from typing import Iterator
 import fsspec
 from etils import epath
 
-Path = epath.Path
 PathLike = epath.PathLike
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
