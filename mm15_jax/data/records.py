@@ -144,7 +144,10 @@ class RecordSource:
 
   def __init__(self, data_dir: str | epath.PathLike, name: str, split: str, *, decode: bool = True):
     self.data_dir, self.name, self.split, self.decode = str(data_dir), name, split, decode
-    version_dir = _version_dir(epath.Path(data_dir), name)
+    try:
+      version_dir = _version_dir(epath.Path(data_dir), name)
+    except Exception as e:  # credentials, permission: each object-store client raises its own types
+      raise paths.storage_error(data_dir, e, what="data dir") from e
     if version_dir is None:
       known = list_sources(data_dir) if epath.Path(data_dir).is_dir() else []
       raise FileNotFoundError(f"dataset {name!r} not found under data dir {data_dir} (found: {known})")
