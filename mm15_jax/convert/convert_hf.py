@@ -43,7 +43,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mm15_jax import config as config_lib
-from mm15_jax import sharding
+from mm15_jax import paths, sharding
 from mm15_jax.config import ConnectorConfig, MeshConfig, ModelConfig, MoEConfig, VisionConfig
 from mm15_jax.convert import hf_import, open_clip
 from mm15_jax.models import layers
@@ -209,20 +209,22 @@ def convert(vision_dir: str, decoder_dir: str, out_dir: str, *, connector: Conne
             vocab_size: int = 0, tokenizer: str = "", upcycle: MoEConfig | None = None, feature_layer: int = -1,
             mesh: Mesh | None = None, seed: int = 0, base: ModelConfig | None = None) -> ModelConfig:
   """Converts and writes the checkpoint; returns its ModelConfig. mesh: default all devices on the fsdp axis.
-  vision_dir or decoder_dir "": that part is initialised at random in the shape `base` gives it."""
+  vision_dir or decoder_dir "": that part is initialised at random in the shape `base` gives it. Model folders on
+  an object store are downloaded to a temporary local folder first (safetensors maps files)."""
   if not vision_dir and not decoder_dir:
     raise ValueError("give --vision, --decoder or both")
-  cfg, hf_vocab = model_config(read_vision_config(vision_dir) if vision_dir else None,
-                               read_hf_config(decoder_dir, vision=False) if decoder_dir else None,
-                               connector=connector or ConnectorConfig(), vocab_size=vocab_size, tokenizer=tokenizer,
-                               upcycle=upcycle, feature_layer=feature_layer, base=base)
-  mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=1, fsdp=-1))
-  params = import_params(cfg, open_vision_store(vision_dir) if vision_dir else None,
-                         hf_import.SafetensorsStore(decoder_dir) if decoder_dir else None,
-                         mesh, upcycle=upcycle is not None, seed=seed)
+  with paths.local_copy(vision_dir) as vision_local, paths.local_copy(decoder_dir) as decoder_local:
+    cfg, hf_vocab = model_config(read_vision_config(vision_local) if vision_dir else None,
+                                 read_hf_config(decoder_local, vision=False) if decoder_dir else None,
+                                 connector=connector or ConnectorConfig(), vocab_size=vocab_size, tokenizer=tokenizer,
+                                 upcycle=upcycle, feature_layer=feature_layer, base=base)
+    mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=1, fsdp=-1))
+    params = import_params(cfg, open_vision_store(vision_local) if vision_dir else None,
+                           hf_import.SafetensorsStore(decoder_local) if decoder_dir else None,
+                           mesh, upcycle=upcycle is not None, seed=seed)
   random_parts = (["connector"] + (["decoder MoE routers"] if upcycle is not None else [])
                   + (["vision"] if not vision_dir else []) + (["decoder"] if not decoder_dir else []))
-  source = lambda d: os.path.abspath(d) if d else None
+  source = lambda d: paths.absolute(d) if d else None
   meta = {"model": config_lib.to_dict(cfg), "step": 0,
           "source": {"vision": source(vision_dir), "decoder": source(decoder_dir),
                      "hf_vocab_size": hf_vocab, "vocab_size": cfg.decoder.vocab_size, "new_vocab_rows": NEW_ROWS,
@@ -248,6 +250,6 @@ def command(a) -> None:
                 upcycle=upcycle, feature_layer=a.feature_layer, mesh=mesh, seed=a.seed, base=base)
   from mm15_jax.models.count import count
   n = count(cfg)
-  print(json.dumps({"out": os.path.abspath(a.out), "decoder_vocab": cfg.decoder.vocab_size,
+  print(json.dumps({"out": paths.absolute(a.out), "decoder_vocab": cfg.decoder.vocab_size,
                     "parameters_M": {k: round(v["total"] / 1e6, 1) for k, v in n.items()}}, indent=2))
 

@@ -31,13 +31,14 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
 from etils import epath
 
+from mm15_jax import paths
 from mm15_jax.data import records
 from mm15_jax.data.convert_formats import (DEFAULT_COLUMNS, FORMATS, KINDS, READERS, BadEntry, ConvertOptions, Shard,
                                            load_llava_entries)
@@ -196,10 +197,22 @@ def _run(tasks: list, workers: int) -> Iterator[tuple[int, dict | None, str]]:
 
 
 def _link_or_copy(source: str, target: str) -> None:
-  try:
-    os.link(source, target)
-  except OSError:
-    shutil.copyfile(source, target)
+  if paths.is_local(target):
+    try:
+      os.link(source, target)
+      return
+    except OSError:
+      pass
+  epath.Path(source).copy(epath.Path(target), overwrite=True)
+
+
+def staging_dir(data_dir: str, name: str, split: str) -> str:
+  """Where the converted shards wait: beside the dataset, or (ArrayRecord writes local files only) a local folder
+  of this machine's temporary directory for a dataset on an object store; a rerun continues from either."""
+  if paths.is_local(data_dir):
+    return os.path.join(data_dir, name, STAGING, split)
+  key = hashlib.sha1(paths.join(data_dir, name, split).encode()).hexdigest()[:16]
+  return os.path.join(tempfile.gettempdir(), "mm15-convert", f"{name}-{split}-{key}")
 
 
 def finalize(data_dir: str, name: str, split: str, stage_dir: str, manifests: list[dict]) -> str:
@@ -257,7 +270,8 @@ def convert(inputs: Iterable[str], data_dir: str, name: str, opts: ConvertOption
     raise ConvertError(f"--name {name!r}: not a dataset name")
   where = f"{name}/{split}"
   shards = plan_shards(expand_inputs(inputs, opts.format), opts)
-  stage_dir = os.path.join(data_dir, name, STAGING, split)
+  paths.ensure_writable_dir(data_dir)  # a missing bucket or permission stops here, before any conversion
+  stage_dir = staging_dir(data_dir, name, split)
   os.makedirs(stage_dir, exist_ok=True)
 
   manifests: list[dict | None] = [_done_manifest(stage_dir, s, opts) for s in shards]

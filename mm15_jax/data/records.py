@@ -16,7 +16,7 @@ Decoded record (the shared contract):
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
+
+from mm15_jax import paths
 
 VERSION = "1.0.0"
 KINDS = ("caption", "interleaved", "text", "ocr", "sft")
@@ -88,23 +90,30 @@ def _examples(records: Iterable[dict], where: str) -> Iterator[tuple[int, dict]]
 
 def write_source(data_dir: str | epath.PathLike, name: str, splits: dict[str, Iterable[dict]], *,
                  description: str = "") -> None:
-  """Writes `splits` (split name -> records) as dataset `name` under `data_dir`, replacing an existing one."""
+  """Writes `splits` (split name -> records) as dataset `name` under `data_dir`, replacing an existing one.
+
+  ArrayRecord writes local files only (it reads gs:// directly): on an object store the dataset is built in a
+  temporary local folder and uploaded once complete.
+  """
   if not splits:
     raise ValueError(f"write_source({data_dir}, {name}): no splits given")
-  target = epath.Path(data_dir) / name
-  if target.exists():
-    shutil.rmtree(target)
   generators = {split: _examples(records, f"{name}/{split}") for split, records in splits.items()}
-  builder = _RecordBuilder(name=name, splits=generators, description=description or name,
-                           data_dir=str(data_dir), file_format="array_record")
-  tqdm_utils = tfds.core.utils.tqdm_utils
-  was_active = getattr(tqdm_utils, "_active", True)
-  tfds.display_progress_bar(False)
-  try:
-    with tempfile.TemporaryDirectory() as download_dir:  # keeps an empty downloads/ out of data_dir
-      builder.download_and_prepare(file_format="array_record", download_dir=download_dir)
-  finally:
-    tfds.display_progress_bar(was_active)
+  target = epath.Path(data_dir) / name
+  with tempfile.TemporaryDirectory() as scratch:
+    build_dir = data_dir if paths.is_local(data_dir) else os.path.join(scratch, "data")
+    if target.exists():
+      target.rmtree()
+    builder = _RecordBuilder(name=name, splits=generators, description=description or name,
+                             data_dir=str(build_dir), file_format="array_record")
+    tqdm_utils = tfds.core.utils.tqdm_utils
+    was_active = getattr(tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    try:  # the download dir keeps an empty downloads/ out of data_dir
+      builder.download_and_prepare(file_format="array_record", download_dir=os.path.join(scratch, "downloads"))
+    finally:
+      tfds.display_progress_bar(was_active)
+    if not paths.is_local(data_dir):
+      paths.upload_tree(os.path.join(build_dir, name), target)
 
 
 def _version_dir(data_dir: epath.Path, name: str) -> epath.Path | None:
@@ -120,8 +129,12 @@ def _version_dir(data_dir: epath.Path, name: str) -> epath.Path | None:
 def list_sources(data_dir: str | epath.PathLike) -> list[str]:
   """Names of the datasets stored under `data_dir`, sorted."""
   root = epath.Path(data_dir)
-  if not root.is_dir():
-    raise FileNotFoundError(f"data dir {root} does not exist")
+  try:
+    found = root.is_dir()
+  except Exception as e:  # credentials, permission: each object-store client raises its own types
+    raise paths.storage_error(data_dir, e, what="data dir") from e
+  if not found:
+    raise paths.storage_error(data_dir, FileNotFoundError(os.fspath(root)), what="data dir")
   return sorted(d.name for d in root.iterdir() if d.is_dir() and _version_dir(root, d.name) is not None)
 
 
@@ -135,7 +148,10 @@ class RecordSource:
 
   def __init__(self, data_dir: str | epath.PathLike, name: str, split: str, *, decode: bool = True):
     self.data_dir, self.name, self.split, self.decode = str(data_dir), name, split, decode
-    version_dir = _version_dir(epath.Path(data_dir), name)
+    try:
+      version_dir = _version_dir(epath.Path(data_dir), name)
+    except Exception as e:  # credentials, permission: each object-store client raises its own types
+      raise paths.storage_error(data_dir, e, what="data dir") from e
     if version_dir is None:
       known = list_sources(data_dir) if epath.Path(data_dir).is_dir() else []
       raise FileNotFoundError(f"dataset {name!r} not found under data dir {data_dir} (found: {known})")

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import sentencepiece as spm
-from etils import epath
 
+from mm15_jax import paths
 from mm15_jax.data import records
 from mm15_jax.data import tokenizer as tokenizer_lib
 from mm15_jax.data import synth_docs, synth_scenes, synth_sft, synth_video
@@ -97,8 +97,7 @@ def build_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: float = 1.
                  progress: Callable[[str], None] | None = print) -> dict:
   """Writes every dataset, out_dir/tokenizer.model and out_dir/corpus.json; returns the corpus.json content."""
   progress = progress or (lambda _: None)
-  out = epath.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  out = paths.ensure_writable_dir(out_dir)  # a missing bucket or permission stops here
   counts = split_counts(scale)
   texts: list[str] = []
 
@@ -116,7 +115,7 @@ def build_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: float = 1.
     progress(f"synth: {name:<18} {sizes:<22} {time.time() - t0:5.1f}s")
   t0 = time.time()
   train_tokenizer(texts, out / TOKENIZER_FILE)
-  vocab = spm.SentencePieceProcessor(model_file=str(out / TOKENIZER_FILE)).get_piece_size()
+  vocab = spm.SentencePieceProcessor(model_proto=(out / TOKENIZER_FILE).read_bytes()).get_piece_size()
   progress(f"synth: tokenizer          vocab {vocab:<16} {time.time() - t0:5.1f}s")
   summary = {"seed": seed, "scale": scale, "datasets": counts, "tokenizer": TOKENIZER_FILE, "vocab_size": vocab}
   (out / CORPUS_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

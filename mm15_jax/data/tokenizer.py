@@ -36,6 +36,8 @@ import numpy as np
 from etils import epath
 import sentencepiece as spm
 
+from mm15_jax import paths
+
 MAX_IMAGES_PER_SAMPLE = 32
 MAX_GRID_SIDE = 16
 ROLES = ("system", "user", "assistant")
@@ -54,8 +56,8 @@ def _special_names() -> list[str]:
 def _read_bytes(path: epath.Path, what: str) -> bytes:
   try:
     return path.read_bytes()
-  except OSError as e:
-    raise FileNotFoundError(f"{what} {str(path)!r} cannot be read: {e}") from e
+  except Exception as e:  # OSError locally; each object-store client raises its own types
+    raise paths.storage_error(path, e, what=what) from e
 
 
 class SentencePieceVocab:

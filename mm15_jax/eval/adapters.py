@@ -47,6 +47,7 @@ import pickle
 import random
 from typing import Callable, Iterable, Iterator, Sequence
 
+from mm15_jax import paths
 from mm15_jax.data import records
 from mm15_jax.data import video as video_lib
 from mm15_jax.eval import suites
@@ -72,10 +73,10 @@ def default_instruction(fmt: str, metric: str = "") -> str:
 
 def _load_json(path: str):
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.path(path).open(encoding="utf-8") as f:
       return json.load(f)
   except OSError as e:
-    raise FileNotFoundError(f"annotation file {path} cannot be read ({e.strerror})") from e
+    raise FileNotFoundError(f"annotation file {path} cannot be read ({e.strerror or e})") from e
   except json.JSONDecodeError as e:
     raise ValueError(f"annotation file {path} is not JSON ({e.msg}, line {e.lineno})") from None
 
@@ -99,10 +100,10 @@ def _field(item, key: str, types, where: str):
 def _find_image(images_dir: str, candidates: Sequence[str], where: str) -> bytes:
   """The first of `candidates` (relative to images_dir) that exists; the error names the first."""
   for relative in candidates:
-    path = os.path.join(images_dir, relative)
-    if os.path.isfile(path):
+    path = paths.join(images_dir, relative)
+    if paths.path(path).is_file():
       return suites.read_image(path, where)
-  raise FileNotFoundError(f"{where}: image {os.path.join(images_dir, candidates[0])} not found")
+  raise FileNotFoundError(f"{where}: image {paths.join(images_dir, candidates[0])} not found")
 
 
 def textvqa_examples(path: str, images_dir: str, *, name: str = "TextVQA", instruction: str = "") -> Iterator[dict]:
@@ -161,15 +162,15 @@ def refcoco_examples(path: str, images_dir: str, *, instances: str = "", split: 
                      instruction: str = "") -> Iterator[dict]:
   """One example per sentence of every ref in `split` (RefCOCO/+: val, testA, testB; RefCOCOg: val, test)."""
   try:
-    with open(path, "rb") as f:
+    with paths.path(path).open("rb") as f:
       refs = _PlainUnpickler(f, encoding="utf-8", errors="replace").load()  # Python 2 str -> str
   except OSError as e:
-    raise FileNotFoundError(f"refs file {path} cannot be read ({e.strerror})") from e
+    raise FileNotFoundError(f"refs file {path} cannot be read ({e.strerror or e})") from e
   except (pickle.UnpicklingError, EOFError, ValueError) as e:
     raise ValueError(f"refs file {path} is not a refs pickle ({e})") from None
   if not isinstance(refs, list):
     raise ValueError(f"{path}: expected a list of refs, got {type(refs).__name__}")
-  instances = instances or os.path.join(os.path.dirname(path), "instances.json")
+  instances = instances or os.fspath(paths.path(path).parent / "instances.json")
   content = _load_json(instances)
   if not isinstance(content, dict) or "images" not in content or "annotations" not in content:
     raise ValueError(f"{instances}: not a COCO instances file (expected 'images' and 'annotations')")
@@ -435,7 +436,7 @@ def examples(fmt: str, inputs: Sequence[str], *, images_dir: str = "", name: str
     instruction = default_instruction(fmt, options.get("metric", ""))
 
   def read(path: str) -> Iterator[dict]:
-    root = images_dir or os.path.dirname(os.path.abspath(path))
+    root = images_dir or os.path.dirname(paths.absolute(path))
     return FORMATS[fmt](path, root, name=name, instruction=instruction, **options)
 
   pool = []
@@ -462,7 +463,7 @@ def import_benchmark(fmt: str, inputs: Sequence[str], *, out_dir: str, name: str
                      max_examples: int = 0, overwrite: bool = False, **options) -> int:
   """Writes the examples as split "test" of dataset `out_dir/name`; returns how many were written."""
   suites.check_name(name)
-  if not overwrite and name in (records.list_sources(out_dir) if os.path.isdir(out_dir) else []):
+  if not overwrite and name in (records.list_sources(out_dir) if paths.path(out_dir).is_dir() else []):
     raise FileExistsError(f"dataset {name!r} already exists under {out_dir} (pass overwrite to replace it)")
   stream = examples(fmt, inputs, images_dir=images_dir, name=name, max_examples=max_examples, **options)
   first = next(stream, None)  # reads and checks before anything is written

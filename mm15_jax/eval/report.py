@@ -4,10 +4,12 @@ Benchmark scores are taken in whatever scale the caller uses (the paper reports 
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from typing import Mapping, Sequence
+
+from mm15_jax import paths
 
 # The paper's benchmark groups (MM1.5, evaluation section). Multi-image lists only the benchmarks the recipe names.
 CATEGORY_BENCHMARKS: dict[str, tuple[str, ...]] = {
@@ -86,12 +88,11 @@ def write_report(path: str, scores: Mapping[str, float],
   if clash:
     raise ValueError(f"extra report keys {sorted(clash)} would overwrite computed fields")
   report.update(extra)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, path)  # readers never see a half-written report
+  target = paths.path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.with_name(target.name + ".tmp")
+  tmp.write_text(json.dumps(report, indent=2) + "\n")
+  tmp.rename(target)  # readers never see a half-written report (an object store writes objects whole anyway)
   return report
 
 
@@ -134,5 +135,8 @@ def category_figure(category_scores: Mapping[str, float], baseline: Mapping[str,
 def write_category_chart(path: str, category_scores: Mapping[str, float],
                          baseline: Mapping[str, float] | None = None, **kwargs) -> None:
   """Saves `category_figure(...)` as a PNG."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  category_figure(category_scores, baseline, **kwargs).savefig(path, format="png")
+  buffer = io.BytesIO()
+  category_figure(category_scores, baseline, **kwargs).savefig(buffer, format="png")
+  target = paths.path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_bytes(buffer.getvalue())

@@ -12,14 +12,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 from typing import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from mm15_jax import sharding
+from mm15_jax import paths, sharding
 from mm15_jax.config import DataConfig, Experiment
 from mm15_jax.data import records
 from mm15_jax.data import samples as samples_lib
@@ -160,20 +159,20 @@ def evaluate_params(model, tokenizer: Tokenizer, data_cfg: DataConfig, *, tile_s
     baselines = [r["baseline"] for r in results.values() if r["category"] == category and r["baseline"] is not None]
     categories[category] = {"score": score, "baseline": float(np.mean(baselines)) if baselines else None}
   if predictions_path and jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(predictions_path)), exist_ok=True)
-    with open(predictions_path, "w") as f:
-      f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    target = paths.path(predictions_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
   return {"benchmarks": results, "categories": categories, "mmbase": report_lib.mmbase(averages), "table": table}
 
 
 def write_outputs(result: dict, out_dir: str, *, title: str = "", **extra) -> dict:
   """report.json (report.build_report layout, per-benchmark details under "details") and categories.png."""
-  report = report_lib.write_report(os.path.join(out_dir, "report.json"),
+  report = report_lib.write_report(paths.join(out_dir, "report.json"),
                                    {n: b["score"] for n, b in result["benchmarks"].items()}, result["table"],
                                    details=result["benchmarks"],
                                    baselines={c: v["baseline"] for c, v in result["categories"].items()}, **extra)
   baselines = {c: v["baseline"] for c, v in result["categories"].items() if v["baseline"] is not None}
-  report_lib.write_category_chart(os.path.join(out_dir, "categories.png"),
+  report_lib.write_category_chart(paths.join(out_dir, "categories.png"),
                                   {c: v["score"] for c, v in result["categories"].items()}, baselines or None,
                                   labels=("model", "blind baseline"), title=title)
   return report
@@ -189,6 +188,7 @@ def evaluate_checkpoint(exp: Experiment, checkpoint: str, *, out_dir: str, stage
   """
   stage_cfg = _stage(exp, stage)
   data_cfg = stage_cfg.data
+  paths.ensure_writable_dir(out_dir)  # a missing bucket or permission stops here, not after the evaluation
   selected = suites.select(data_dir or data_cfg.data_dir, benchmarks)
   mesh = sharding.make_mesh(exp.mesh)
   model, model_cfg = load_model(checkpoint, mesh, exp.seed)
@@ -197,9 +197,9 @@ def evaluate_checkpoint(exp: Experiment, checkpoint: str, *, out_dir: str, stage
     result = evaluate_params(model, tokenizer, data_cfg, tile_size=stage_cfg.image_size,
                              tokens_per_tile=model_cfg.connector.pooled_side ** 2, benchmarks=selected, n_max=n_max,
                              max_examples=max_examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             predictions_path=os.path.join(out_dir, "predictions.jsonl"), log=log)
+                             predictions_path=paths.join(out_dir, "predictions.jsonl"), log=log)
   if jax.process_index() == 0:
-    write_outputs(result, out_dir, title=f"{exp.name}: benchmark categories", checkpoint=os.path.abspath(checkpoint),
+    write_outputs(result, out_dir, title=f"{exp.name}: benchmark categories", checkpoint=paths.absolute(checkpoint),
                   inference_n_max=n_max, max_examples=max_examples)
   return result
 
@@ -207,7 +207,7 @@ def evaluate_checkpoint(exp: Experiment, checkpoint: str, *, out_dir: str, stage
 def evaluate_workdir(exp: Experiment, workdir: str, *, stage: int | str = -1, **kwargs) -> dict:
   """`evaluate_checkpoint` on the final checkpoint of a stage of `workdir` (default the last); writes workdir/eval/."""
   checkpoint = runner.checkpoint_dir(workdir, _stage(exp, stage))
-  return evaluate_checkpoint(exp, checkpoint, out_dir=os.path.join(workdir, "eval"), stage=stage, **kwargs)
+  return evaluate_checkpoint(exp, checkpoint, out_dir=paths.join(workdir, "eval"), stage=stage, **kwargs)
 
 
 def _stage(exp: Experiment, stage: int | str):

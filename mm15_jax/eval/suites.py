@@ -19,6 +19,8 @@ import re
 import string
 from typing import Sequence, Union
 
+from etils import epath
+
 from mm15_jax.data import records
 from mm15_jax.eval import metrics, report as report_lib
 
@@ -136,10 +138,9 @@ def _with_choices(question: str, answers: list[str], choices: Sequence[str], whe
 def read_image(path: str, where: str) -> bytes:
   """Encoded image bytes from a file (decoded, and checked, when the example is evaluated)."""
   try:
-    with open(path, "rb") as f:
-      raw = f.read()
+    raw = epath.Path(path).read_bytes()
   except OSError as e:
-    raise FileNotFoundError(f"{where}: image {path} cannot be read ({e.strerror})") from e
+    raise FileNotFoundError(f"{where}: image {path} cannot be read ({e.strerror or e})") from e
   if not raw:
     raise ValueError(f"{where}: image {path} is empty")
   return raw
@@ -179,13 +180,12 @@ class JsonlSource:
 
 def read_jsonl(path: str, *, source: str, category: str, metric: str, instruction: str = "") -> list[dict]:
   """The examples of a JSONL benchmark file as held-out sft records; errors name the file and line."""
-  root = os.path.dirname(os.path.abspath(path))
+  root = epath.Path(path).parent
   out = []
   try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.readlines()
+    lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
   except OSError as e:
-    raise FileNotFoundError(f"benchmark file {path} cannot be read ({e.strerror})") from e
+    raise FileNotFoundError(f"benchmark file {path} cannot be read ({e.strerror or e})") from e
   for n, line in enumerate(lines, 1):
     if not line.strip():
       continue
@@ -208,7 +208,7 @@ def read_jsonl(path: str, *, source: str, category: str, metric: str, instructio
       if paths or not isinstance(item["video"], str) or not item["video"]:
         raise ValueError(f"{where}: field 'video' must be one path, and an example has a video or images")
       paths, extra["video"] = [item["video"]], {"form": "file"}
-    images = [read_image(os.path.join(root, p), where) for p in paths]
+    images = [read_image(os.fspath(root / p), where) for p in paths]
     out.append(make_example(source=source, category=category, metric=metric, question=item.get("question"),
                             answers=item.get("answers"), images=images, choices=item.get("choices"),
                             instruction=instruction, where=where, **extra))

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mm15_jax import sharding
+from mm15_jax import paths, sharding
 from mm15_jax import config as config_lib
 from mm15_jax.config import Experiment
 from mm15_jax.data import pipeline as pipeline_lib
@@ -97,7 +97,7 @@ def _vocab_and_image_id(exp: Experiment, index: int) -> tuple[int, int]:
   id: which id marks images changes neither shapes, memory nor FLOPs)."""
   stage = exp.stages[index]
   path = stage.data.tokenizer
-  if path and not path.startswith("gs://") and os.path.exists(path):
+  if path and paths.is_local(path) and os.path.exists(path):  # no object-store access for a compile
     from mm15_jax.data.tokenizer import Tokenizer
     tok = Tokenizer(path)
     return tok.vocab_size, tok.image_id
@@ -253,9 +253,10 @@ def command(exp: Experiment, stages: list[str], topology: str, num_slices: int =
       log(format_report(report))
       reports.append(report)
       if json_path:
-        with open(json_path, "a") as f:
-          f.write(json.dumps({"experiment": exp.name, "overrides": list(overrides) + ([extra] if extra else []),
-                              **dataclasses.asdict(report), "fits": report.fits}) + "\n")
+        out = paths.LineLog(json_path)
+        out.write(json.dumps({"experiment": exp.name, "overrides": list(overrides) + ([extra] if extra else []),
+                              **dataclasses.asdict(report), "fits": report.fits}))
+        out.close()
       if fit and report.fits is None:
         raise ValueError(f"--fit needs a chip whose HBM is known ({sorted(HBM_BYTES)}); {report.device_kind} "
                          f"is not one: give a TPU --topology")

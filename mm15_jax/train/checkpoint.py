@@ -7,7 +7,6 @@ copied off the devices.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
@@ -15,6 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mm15_jax import paths
 from mm15_jax.train.step import TrainState
 
 
@@ -31,7 +31,7 @@ class Checkpointer:
   """Saves when told (the loop decides when), keeps the last `keep` (plus every `keep_period`-th when set)."""
 
   def __init__(self, directory: str, *, keep: int, keep_period: int | None = None, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_period,
         enable_async_checkpointing=async_save, create=True)
@@ -76,7 +76,7 @@ class Checkpointer:
 
 def _reader(directory: str, **handlers) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-  return ocp.CheckpointManager(os.path.abspath(directory), item_handlers=handlers, options=options)
+  return ocp.CheckpointManager(paths.absolute(directory), item_handlers=handlers, options=options)
 
 
 def _restore_item(directory: str, name: str, handler, args, step: int | None):
@@ -103,7 +103,7 @@ def read_meta(directory: str, step: int | None = None) -> dict:
 def save_params(directory: str, params, meta: dict[str, Any], step: int = 0) -> None:
   """Parameters and meta only, as `<directory>/<step>/{params, meta}` (an imported model that a stage initialises
   from): readable by restore_params / read_meta. Refuses a directory that already holds a checkpoint."""
-  directory = os.path.abspath(directory)
+  directory = paths.absolute(directory)
   # Each replicated shard is written by one replica: replica-parallel writes would compile a slicing program per
   # parameter, which costs more than it saves in a one-off write.
   arrays = ocp.type_handlers.create_type_handler_registry(

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 import jax
 import numpy as np
+
+from mm15_jax import paths
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -26,17 +27,15 @@ class MetricsWriter:
     self._tb = None
     self._jsonl = None
     if self.active:
-      os.makedirs(logdir, exist_ok=True)
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(logdir, "tb"))
-      self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+      self._jsonl = paths.LineLog(paths.join(logdir, "metrics.jsonl"))
+      self._tb = SummaryWriter(paths.join(logdir, "tb"))  # tensorboardX writes gs:// and s3:// itself
 
   def write(self, step: int, scalars: dict[str, float]):
     if not self.active:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self._jsonl.flush()
+    self._jsonl.write(json.dumps({"step": step, **scalars}))
     for k, v in scalars.items():
       self._tb.add_scalar(self.prefix + k, v, step)
 

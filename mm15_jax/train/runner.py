@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 import jax
@@ -16,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from mm15_jax import config as config_lib
+from mm15_jax import paths
 from mm15_jax import sharding
 from mm15_jax.config import Experiment, ModelConfig, StageConfig
 from mm15_jax.data import mixture as mixture_lib
@@ -48,11 +48,11 @@ def stage_model_config(model: ModelConfig, stage: StageConfig, vocab_size: int) 
 
 
 def stage_dir(workdir: str, stage: StageConfig) -> str:
-  return os.path.join(workdir, stage.name)
+  return paths.join(workdir, stage.name)
 
 
 def checkpoint_dir(workdir: str, stage: StageConfig) -> str:
-  return os.path.join(stage_dir(workdir, stage), "checkpoints")
+  return paths.join(stage_dir(workdir, stage), "checkpoints")
 
 
 def initial_params(exp: Experiment, index: int, workdir: str, model_cfg: ModelConfig, mesh, log):
@@ -97,7 +97,7 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
   stage = exp.stages[index]
   stage = dataclasses.replace(stage, data=mixture_lib.resolve_sft(stage.data, log=log))  # data.sft -> data.mixture
   out_dir = stage_dir(workdir, stage)
-  os.makedirs(out_dir, exist_ok=True)
+  paths.ensure_writable_dir(out_dir)  # a missing bucket or permission stops here, before anything is written
   tokenizer = Tokenizer(stage.data.tokenizer)
   model_cfg = stage_model_config(exp.model, stage, tokenizer.vocab_size)
   mesh = sharding.make_mesh(exp.mesh)
@@ -206,8 +206,7 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
   summary = {"name": stage.name, "steps": stage.steps, "loss_first": losses[0][1] if losses else float("nan"),
              "loss_last": losses[-1][1] if losses else float("nan"), "seconds": time.perf_counter() - t_start,
              "checkpoint": checkpointer.directory}
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  paths.path(out_dir).joinpath("summary.json").write_text(json.dumps(summary, indent=2))
   return summary
 
 
