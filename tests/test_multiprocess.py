@@ -30,9 +30,9 @@ HOST_SCRIPT = textwrap.dedent("""
     distributed.initialize()
     import jax
     from fixtures import tiny_experiment
-    from mm15_jax.train import metrics, runner
+    from mm15_jax.train import logs, runner
 
-    class SigtermOneHost(metrics.MetricsWriter):
+    class SigtermOneHost(logs.MetricsWriter):
       def write(self, step, scalars):
         super().write(step, scalars)
         if step == 1 and str(jax.process_index()) == os.environ.get("SIGTERM_PROCESS"):

@@ -20,7 +20,7 @@ from mm15_jax.models import vit
 from mm15_jax.train import checkpoint as ckpt_lib
 from mm15_jax.train import runner
 from mm15_jax.train import state as state_lib
-from mm15_jax.train.metrics import MetricsWriter
+from mm15_jax.train.logs import MetricsWriter
 
 N = 2  # the resume test stops after N of 2N steps
 
@@ -144,13 +144,13 @@ SIGTERM_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from fixtures import tiny_experiment
-    from mm15_jax.train import distributed, metrics, runner
+    from mm15_jax.train import distributed, logs, runner
 
     received = []
     handle = distributed.Preemption._handle
     distributed.Preemption._handle = lambda self, *a: (received.append(1), handle(self, *a))
 
-    class WaitAfterFirstStep(metrics.MetricsWriter):
+    class WaitAfterFirstStep(logs.MetricsWriter):
       def write(self, step, scalars):
         super().write(step, scalars)
         deadline = time.monotonic() + 60

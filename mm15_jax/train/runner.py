@@ -27,7 +27,7 @@ from mm15_jax.train import distributed
 from mm15_jax.train import flops as flops_lib
 from mm15_jax.train import optim
 from mm15_jax.train import state as state_lib
-from mm15_jax.train.metrics import MetricsWriter, Progress
+from mm15_jax.train.logs import MetricsWriter, Progress
 from mm15_jax.train.step import TrainState, make_train_step
 
 
