@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from mm15_jax.config import DataConfig, Experiment, MeshConfig, SplitConfig, StageConfig
-from mm15_jax.configs import models
+from mm15_jax.configs import presets
 from mm15_jax.data import mixture
 
 # Tile slots per 4096-token row in stages 2 and 3: as many as 144-token tiles fit (4096 // 144), so the token budget,
@@ -41,5 +41,5 @@ def get_config(data_dir: str = "data", size: str = "3b") -> Experiment:
       checkpoint_every=1000,
       data=data(mixture.sft_mixture("all"), SplitConfig(mode="dynamic", tile_size=672, n_min=4, n_max=9),
                 TILE_SLOTS))
-  return Experiment(name=f"mm15-{size}", model=models.get(size), stages=[pretrain, ocr, sft],
+  return Experiment(name=f"mm15-{size}", model=presets.get(size), stages=[pretrain, ocr, sft],
                     mesh=MeshConfig(data=-1, fsdp=1))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from mm15_jax.config import DataConfig, Experiment, MeshConfig, SplitConfig, StageConfig
-from mm15_jax.configs import models
+from mm15_jax.configs import presets
 from mm15_jax.data import mixture
 
 STAGE1_SIZE, TILE_SIZE = 32, 64
@@ -40,4 +40,4 @@ def get_config(data_dir: str = "runs/demo/data", scale: float = 1.0) -> Experime
       warmup_fraction=0.05, init_from="previous", log_every=10, checkpoint_every=100,
       data=data(mixture.sft_mixture("all"), SplitConfig(mode="dynamic", tile_size=TILE_SIZE, n_min=4, n_max=9),
                 512, 20))
-  return Experiment(name="tiny", model=models.tiny(), stages=[pretrain, ocr, sft], mesh=MeshConfig(data=-1))
+  return Experiment(name="tiny", model=presets.tiny(), stages=[pretrain, ocr, sft], mesh=MeshConfig(data=-1))
