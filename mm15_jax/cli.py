@@ -67,6 +67,7 @@ def _add_config_flags(p):
 
 
 def cmd_train(a):
+  from mm15_jax.eval import run as eval_run
   from mm15_jax.train import distributed, runner
   distributed.initialize()
   exp = load_experiment(a.config, a.arg, a.set)
@@ -77,7 +78,7 @@ def cmd_train(a):
     raise SystemExit(f"--stage: unknown stage(s) {unknown}; this config has {names}")
   for i, stage in enumerate(exp.stages):
     if stage.name in wanted:
-      runner.run_stage(exp, i, a.workdir)
+      runner.run_stage(exp, i, a.workdir, evaluate=eval_run.periodic_eval)
 
 
 def cmd_aot(a):

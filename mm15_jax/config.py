@@ -77,6 +77,11 @@ class ModelConfig:
   # (moved to the front), skipping chunks that hold none (image placeholders, prompts, padding). 0: all at once.
   loss_chunk: int = 256
 
+  @property
+  def tokens_per_tile(self) -> int:
+    """Decoder positions one image tile fills: the connector's pooled grid."""
+    return self.connector.pooled_side ** 2
+
 
 @dataclasses.dataclass
 class SplitConfig:

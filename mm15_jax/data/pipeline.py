@@ -32,6 +32,7 @@ from mm15_jax.config import DataConfig
 from mm15_jax.data import images as images_lib
 from mm15_jax.data import mixture as mixture_lib
 from mm15_jax.data import samples as samples_lib
+from mm15_jax.data.batch import Batch
 from mm15_jax.data.tokenizer import Tokenizer
 
 MIN_RECORDS_FOR_BAD_FRACTION = 100  # the bad-record limit applies after this many records
@@ -222,10 +223,11 @@ class _Rows:
     self.used_tokens[r] += length
     self.used_images[r] += n_tiles
 
-  def batch(self) -> dict[str, np.ndarray]:
-    keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "images", "image_mask", "image_extent",
-            "source_ids", "stat_bad_records", "stat_samples")
-    return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+  def batch(self) -> Batch:
+    return Batch(tokens=self.tokens, targets=self.targets, loss_mask=self.loss_mask, segment_ids=self.segment_ids,
+                 positions=self.positions, images=self.images, image_mask=self.image_mask,
+                 source_ids=self.source_ids, image_extent=self.image_extent,
+                 stats={"bad_records": self.stat_bad_records, "samples": self.stat_samples})
 
 
 @dataclasses.dataclass
@@ -305,7 +307,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
     tiles = sum(sample.n_tiles for sample, _ in unit["samples"])
     return (1, -max(tokens / self._opt.seq_len, tiles / self._opt.max_images), u)
 
-  def __next__(self) -> dict[str, np.ndarray]:
+  def __next__(self) -> Batch:
     opt = self._opt
     rows = _Rows(opt.batch_size, opt.seq_len, opt.max_images, opt.tile_size, opt.pack, opt.pad_id,
                  opt.enlarge_on_device)
@@ -427,7 +429,7 @@ def make_dataset(data_cfg: DataConfig, *, sources: Mapping[str, Sequence[dict]],
 def make_pipeline(data_cfg: DataConfig, *, sources: Mapping[str, Sequence[dict]], tokenizer: Tokenizer,
                   tokens_per_tile: int, tile_size: int, batch_size: int, process_index: int = 0,
                   process_count: int = 1, seed: int = 0, read_threads: int = 2) -> _PackedBatchIterator:
-  """Checkpointable iterator of this host's batches (dicts of the training-batch contract).
+  """Checkpointable iterator of this host's batches (`Batch`es of numpy arrays).
 
   `sources`: source name -> random-access sequence of decoded records (all of them: each is sharded here by
   process_index/process_count before mixing). `batch_size`: rows per batch on this host. `tile_size` (the stage's
@@ -457,9 +459,8 @@ class ConcatenatedHosts:
   def __iter__(self):
     return self
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    batches = [next(it) for it in self.iterators]
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  def __next__(self) -> Batch:
+    return Batch.concatenate([next(it) for it in self.iterators])
 
   def get_state(self) -> bytes:
     return json.dumps([it.get_state() for it in self.iterators]).encode()
