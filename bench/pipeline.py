@@ -200,7 +200,7 @@ def stage_setting(name: str, exp, stage: int, rows: int, tile_size: int | None =
                   enlarge_on_device: bool | None = None, **data_changes) -> Setting:
   st = exp.stages[stage]
   tile = tile_size or st.image_size
-  split = dataclasses.replace(st.data.split, tile_size=tile)
+  split = st.data.split
   if enlarge_on_device is not None:
     split = dataclasses.replace(split, enlarge_on_device=enlarge_on_device)
   data = dataclasses.replace(st.data, num_workers=0, split=split, **data_changes)

@@ -30,16 +30,16 @@ def get_config(data_dir: str = "data", size: str = "3b") -> Experiment:
 
   pretrain = StageConfig(
       name="pretrain", image_size=378, steps=200_000, batch_size=512, learning_rate=1e-4,
-      checkpoint_every=2000, data=data(mixture.stage1_mixture(), SplitConfig(mode="none", tile_size=378), 16))
+      checkpoint_every=2000, data=data(mixture.stage1_mixture(), SplitConfig(mode="none"), 16))
   ocr = StageConfig(
       name="ocr", image_size=672, steps=30_000, batch_size=256, learning_rate=1e-5, init_from="previous",
       checkpoint_every=1000,
-      data=data({s: 1.0 for s in mixture.STAGE2_SOURCES}, SplitConfig(mode="static", tile_size=672), TILE_SLOTS,
+      data=data({s: 1.0 for s in mixture.STAGE2_SOURCES}, SplitConfig(mode="static"), TILE_SLOTS,
                 equal_sources=True))
   sft = StageConfig(
       name="sft", image_size=672, steps=23_000, batch_size=256, learning_rate=2e-5, init_from="previous",
       checkpoint_every=1000,
-      data=data(mixture.sft_mixture("all"), SplitConfig(mode="dynamic", tile_size=672, n_min=4, n_max=9),
+      data=data(mixture.sft_mixture("all"), SplitConfig(mode="dynamic", n_min=4, n_max=9),
                 TILE_SLOTS))
   return Experiment(name=f"mm15-{size}", model=presets.get(size), stages=[pretrain, ocr, sft],
                     mesh=MeshConfig(data=-1, fsdp=1))

@@ -53,7 +53,10 @@ def load_experiment(name: str, args: list[str] | None = None, overrides: list[st
     if name not in builtin:
       raise SystemExit(f"--config {name!r}: not a built-in config ({sorted(builtin)}) nor a .py file")
     module = builtin[name]
-  exp = module.get_config(**_key_values(args, "--arg"))
+  try:
+    exp = module.get_config(**_key_values(args, "--arg"))
+  except config_lib.RemovedKeyError as e:
+    raise SystemExit(f"--config {name}: {e}") from e
   try:
     return config_lib.override(exp, overrides or [])
   except (KeyError, TypeError, ValueError) as e:

@@ -132,7 +132,7 @@ def tiny_experiment(data_dir: str, *, steps: int = 4, seq_len: int = 128) -> Exp
   pretrain, ocr = exp.stages[0], exp.stages[1]
   pretrain.data.mixture = {"caption": 1.0, "text": 1.0}
   for stage, size in ((pretrain, IMAGE_SIZE), (ocr, 2 * IMAGE_SIZE)):
-    stage.image_size = stage.data.split.tile_size = size
+    stage.image_size = size
     stage.data.seq_len = seq_len
     stage.batch_size, stage.steps, stage.log_every, stage.checkpoint_every = 8, steps, 1, 1000
   ocr.data.max_images = 5

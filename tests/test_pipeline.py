@@ -4,11 +4,14 @@ import json
 import logging
 import re
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from mm15_jax.config import DataConfig, SplitConfig
+from mm15_jax import sharding
+from mm15_jax.config import DataConfig, MeshConfig, SplitConfig, StageConfig
+from mm15_jax.data import batch as batch_lib
 from mm15_jax.data import images, mixture, pipeline, samples
 from fixtures import corpus_dir  # noqa: F401 (fixture)
 
@@ -44,7 +47,7 @@ def ocr(i, name):
 
 
 def config(mixture_weights, **kw):
-  defaults = dict(seq_len=48, max_images=6, pack=True, split=SplitConfig(mode="none", tile_size=S))
+  defaults = dict(seq_len=48, max_images=6, pack=True, split=SplitConfig(mode="none"))
   return DataConfig(mixture=mixture_weights, **{**defaults, **kw})
 
 
@@ -92,7 +95,7 @@ def test_batch_contract(tok):
               "stats/bad_records": ((4,), np.int32), "stats/samples": ((4,), np.int32)}
   assert {k: (v.shape, v.dtype) for k, v in arrays(batch).items()} == expected
   # Tiles resized on the host: finished tiles, no extents.
-  host = config(mixture.stage1_mixture(), split=SplitConfig(mode="none", tile_size=S, enlarge_on_device=False))
+  host = config(mixture.stage1_mixture(), split=SplitConfig(mode="none", enlarge_on_device=False))
   host_batch = next(make(tok, host, STAGE1))
   assert {k: (v.shape, v.dtype) for k, v in arrays(host_batch).items()} == {
       k: v for k, v in expected.items() if k != "image_extent"}
@@ -100,6 +103,18 @@ def test_batch_contract(tok):
   assert (batch.source_ids[pad] == -1).all() and (batch.loss_mask[pad] == 0).all()
   assert (batch.tokens[pad] == tok.pad_id).all() and (batch.source_ids[~pad] >= 0).all()
   assert (batch.stats["samples"] > 1).any()  # packed
+
+
+def test_batch_spec_is_the_pipelines_global_batch(tok):
+  """batch_spec (what AOT compiles against) has the pipeline's fields, shapes and dtypes, with or without extents."""
+  mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+  for enlarge in (True, False):
+    cfg = config(mixture.stage1_mixture(), split=SplitConfig(mode="none", enlarge_on_device=enlarge))
+    got = next(make(tok, cfg, STAGE1)).without_stats()
+    spec = batch_lib.batch_spec(StageConfig(batch_size=4, image_size=S, data=cfg), mesh)
+    assert {k: (v.shape, np.dtype(v.dtype)) for k, v in arrays(spec).items()} == {
+        k: (v.shape, v.dtype) for k, v in arrays(got).items()}
+    assert jax.tree.structure(spec) == jax.tree.structure(got)  # the step sees the same pytree
 
 
 def test_packed_segments_decode_back_to_their_samples(tok):
@@ -176,7 +191,7 @@ def test_stage2_equal_sources_in_every_batch(tok, pack):
   names = list(mixture.STAGE2_SOURCES)
   sources = {n: [ocr(i, n) for i in range(30)] for n in names}
   cfg = config(mixture.stage2_mixture(), equal_sources=True, pack=pack, seq_len=96, max_images=15,
-               split=SplitConfig(mode="static", static_grid=2, tile_size=S))
+               split=SplitConfig(mode="static", static_grid=2))
   it = make(tok, cfg, sources, batch_size=8)
   for _ in range(5):
     batch = next(it)
@@ -292,9 +307,9 @@ def test_missing_source_and_bad_weights(tok):
 
 
 @pytest.mark.parametrize("split, message", [
-    (SplitConfig(mode="anyres", tile_size=S), r"data.split.mode must be .* got 'anyres'"),
-    (SplitConfig(mode="none", tile_size=S, resample="lanczos"), r"data.split.resample must be .* got 'lanczos'"),
-    (SplitConfig(mode="dynamic", tile_size=S, n_min=5, n_max=4), r"data.split: need 1 <= n_min <= n_max"),
+    (SplitConfig(mode="anyres"), r"data.split.mode must be .* got 'anyres'"),
+    (SplitConfig(mode="none", resample="lanczos"), r"data.split.resample must be .* got 'lanczos'"),
+    (SplitConfig(mode="dynamic", n_min=5, n_max=4), r"data.split: need 1 <= n_min <= n_max"),
 ])
 def test_bad_split_config_fails_before_reading(tok, split, message):
   # At construction, naming the key: not as every record failing the same way.

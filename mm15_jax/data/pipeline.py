@@ -404,9 +404,6 @@ def make_dataset(data_cfg: DataConfig, *, sources: Mapping[str, Sequence[dict]],
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
   images_lib.check_split_config(data_cfg.split)
-  if data_cfg.split.tile_size != tile_size:
-    logging.info("data: tile size %d (stage image_size) overrides data.split.tile_size=%d", tile_size,
-                 data_cfg.split.tile_size)
   spec = samples_lib.SampleSpec.from_config(data_cfg, tile_size=tile_size, tokens_per_tile=tokens_per_tile)
   full_seed = int(np.random.SeedSequence([data_cfg.seed, seed]).generate_state(1)[0])
   sampler = _UnitSampler([data_cfg.mixture[n] for n in names], data_cfg.equal_sources, full_seed)
@@ -432,10 +429,10 @@ def make_pipeline(data_cfg: DataConfig, *, sources: Mapping[str, Sequence[dict]]
   """Checkpointable iterator of this host's batches (`Batch`es of numpy arrays).
 
   `sources`: source name -> random-access sequence of decoded records (all of them: each is sharded here by
-  process_index/process_count before mixing). `batch_size`: rows per batch on this host. `tile_size` (the stage's
-  image size) overrides data_cfg.split.tile_size. `read_threads`: Grain threads computing units ahead in this
-  process (0: each unit computed on demand, in the calling thread). State: `get_state()` / `set_state(state)`,
-  JSON-able; `packing_stats` reports token and image-slot efficiency.
+  process_index/process_count before mixing). `batch_size`: rows per batch on this host. `tile_size`: the stage's
+  image size. `read_threads`: Grain threads computing units ahead in this process (0: each unit computed on
+  demand, in the calling thread). State: `get_state()` / `set_state(state)`, JSON-able; `packing_stats` reports
+  token and image-slot efficiency.
   """
   ds = make_dataset(data_cfg, sources=sources, tokenizer=tokenizer, tokens_per_tile=tokens_per_tile,
                     tile_size=tile_size, batch_size=batch_size, process_index=process_index,
