@@ -22,7 +22,7 @@ def random_state(mesh, seed: int) -> TrainState:
   """A TrainState of the tiny model on `mesh` with every array random (no init compile; every bit matters)."""
   rng = np.random.default_rng(seed)
   _, params, _ = state_lib.abstract_model(MODEL)
-  shardings = sharding.param_shardings(params, mesh)
+  shardings = state_lib.param_shardings(params, mesh)
   params = jax.tree.map(lambda x, s: jax.device_put(rng.normal(size=x.shape).astype(x.dtype), s), params, shardings)
   tx = optim.make_optimizer(STAGE, params)
   state = state_lib.new_train_state(params, tx, mesh)
