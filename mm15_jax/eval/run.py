@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mm15_jax import paths
+from mm15_jax import layout
 from mm15_jax import sharding
 from mm15_jax.config import DataConfig, Experiment, ModelConfig, StageConfig
 from mm15_jax.data import records
@@ -203,8 +203,8 @@ def evaluate_checkpoint(exp: Experiment, checkpoint: str, *, out_dir: str, stage
 
 def evaluate_workdir(exp: Experiment, workdir: str, *, stage: int | str = -1, **kwargs) -> dict:
   """`evaluate_checkpoint` on the final checkpoint of a stage of `workdir` (default the last); writes workdir/eval/."""
-  checkpoint = paths.checkpoint_dir(workdir, _stage(exp, stage))
-  return evaluate_checkpoint(exp, checkpoint, out_dir=paths.eval_dir(workdir), stage=stage, **kwargs)
+  checkpoint = layout.checkpoint_dir(workdir, _stage(exp, stage))
+  return evaluate_checkpoint(exp, checkpoint, out_dir=layout.eval_dir(workdir), stage=stage, **kwargs)
 
 
 def periodic_eval(model, tokenizer: Tokenizer, stage: StageConfig, model_cfg: ModelConfig, log) -> dict[str, float]:

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mm15_jax import config as config_lib
-from mm15_jax import paths
+from mm15_jax import layout
 from mm15_jax import sharding
 from mm15_jax.config import Experiment, ModelConfig, StageConfig
 from mm15_jax.data import pipeline as pipeline_lib
@@ -46,7 +46,7 @@ def initial_params(exp: Experiment, index: int, workdir: str, model_cfg: ModelCo
   if source == "previous":
     if index == 0:
       raise ValueError(f"config key stages.{stage.name}.init_from='previous' but it is the first stage")
-    source = paths.checkpoint_dir(workdir, exp.stages[index - 1])
+    source = layout.checkpoint_dir(workdir, exp.stages[index - 1])
   if not source:
     log(f"[{stage.name}] random initialisation (seed {exp.seed})")
     return state_lib.init_params(model_cfg, mesh, exp.seed)
@@ -98,7 +98,7 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
   if stage.eval_every and evaluate is None:
     raise ValueError(f"config key stages.{stage.name}.eval_every={stage.eval_every} but this program trains without "
                      f"evaluation: set it to 0")
-  out_dir = paths.stage_dir(workdir, stage)
+  out_dir = layout.stage_dir(workdir, stage)
   os.makedirs(out_dir, exist_ok=True)
   tokenizer = Tokenizer(stage.data.tokenizer)
   mesh = sharding.make_mesh(exp.mesh)
@@ -107,7 +107,7 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
   model_cfg = stage_lib.stage_model_config(exp.model, stage, tokenizer.vocab_size)
   data_iter, source_names = data_iterator(exp, index, tokenizer, model_cfg, data_hosts)
 
-  checkpointer = ckpt_lib.Checkpointer(paths.checkpoint_dir(workdir, stage), keep=stage.keep_checkpoints,
+  checkpointer = ckpt_lib.Checkpointer(layout.checkpoint_dir(workdir, stage), keep=stage.keep_checkpoints,
                                        keep_period=stage.keep_every or None)
   start = checkpointer.latest_step() or 0
   init = "abstract" if start else lambda cfg: initial_params(exp, index, workdir, cfg, mesh, log)

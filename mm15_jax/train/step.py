@@ -48,7 +48,7 @@ def loss_and_metrics(model, batch: Batch, *, model_cfg: ModelConfig, image_token
 
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, model_cfg: ModelConfig,
                     image_token_id: int, num_sources: int, grad_accum: int = 1):
-  """Returns `step(state, batch) -> (state, metrics)`; jit it with shardings (see train.state)."""
+  """Returns `step(state, batch) -> (state, metrics)`; train.stage.build_stage jits it with the state's shardings."""
 
   def grads_of(params, batch):
     def loss_fn(p):
