@@ -32,12 +32,11 @@ import numpy as np  # noqa: E402
 from mm15_jax import machine  # noqa: E402
 from mm15_jax import config as config_lib  # noqa: E402
 from mm15_jax import sharding  # noqa: E402
-from mm15_jax.config import (ConnectorConfig, DecoderConfig, MeshConfig, ModelConfig, MoEConfig,  # noqa: E402
-                             StageConfig, VisionConfig)
+from mm15_jax.config import (ConnectorConfig, DataConfig, DecoderConfig, Experiment, MeshConfig,  # noqa: E402
+                             ModelConfig, MoEConfig, SplitConfig, StageConfig, VisionConfig)
+from mm15_jax.data.batch import Batch  # noqa: E402
 from mm15_jax.train import checkpoint as ckpt_lib  # noqa: E402
-from mm15_jax.train import optim  # noqa: E402
-from mm15_jax.train import state as state_lib  # noqa: E402
-from mm15_jax.train.step import make_train_step  # noqa: E402
+from mm15_jax.train import stage as stage_lib  # noqa: E402
 
 IMAGE_TOKEN_ID = 3
 TILE, POOLED_SIDE = 16, 2
@@ -55,17 +54,17 @@ def model_config(quick: bool) -> ModelConfig:
       dtype="float32", param_dtype="float32", remat="none", scan_layers=True)
 
 
-def batch_at(index: int, *, batch: int, seq_len: int, vocab: int) -> dict:
+def batch_at(index: int, *, batch: int, seq_len: int, vocab: int) -> Batch:
   """A batch obeying the trainer's contract (one segment per row, one image tile per row), seeded by its index."""
   rng = np.random.default_rng(index)
   tokens = rng.integers(IMAGE_TOKEN_ID + 1, vocab, (batch, seq_len + 1)).astype(np.int32)
   tokens[:, 1:1 + POOLED_SIDE ** 2] = IMAGE_TOKEN_ID
-  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-          "loss_mask": (tokens[:, 1:] != IMAGE_TOKEN_ID).astype(np.float32),
-          "segment_ids": np.ones((batch, seq_len), np.int32),
-          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
-          "images": rng.integers(0, 256, (batch, 1, TILE, TILE, 3), dtype=np.uint8),
-          "image_mask": np.ones((batch, 1), bool), "source_ids": np.zeros((batch, seq_len), np.int32)}
+  return Batch(tokens=tokens[:, :-1], targets=tokens[:, 1:],
+               loss_mask=(tokens[:, 1:] != IMAGE_TOKEN_ID).astype(np.float32),
+               segment_ids=np.ones((batch, seq_len), np.int32),
+               positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
+               images=rng.integers(0, 256, (batch, 1, TILE, TILE, 3), dtype=np.uint8),
+               image_mask=np.ones((batch, 1), bool), source_ids=np.zeros((batch, seq_len), np.int32))
 
 
 # Orbax reports its phases through jax.monitoring: what the caller waits for, and the background write.
@@ -96,15 +95,14 @@ def nbytes(tree) -> int:
 
 def run(directory: str, *, quick: bool, steps: int, every: int, batch: int, seq_len: int) -> dict:
   model_cfg = model_config(quick)
-  stage = StageConfig(steps=steps, batch_size=batch, learning_rate=1e-4, warmup_fraction=0.0,
-                      checkpoint_every=every, keep_checkpoints=2)
+  data = DataConfig(mixture={"bench": 1.0}, seq_len=seq_len, max_images=1, split=SplitConfig(enlarge_on_device=False))
+  stage = StageConfig(steps=steps, batch_size=batch, learning_rate=1e-4, warmup_fraction=0.0, image_size=TILE,
+                      checkpoint_every=every, keep_checkpoints=2, data=data)
   mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
-  graphdef, params, rest = state_lib.init_params(model_cfg, mesh, 0)
-  tx = optim.make_optimizer(stage, params)
-  state = state_lib.new_train_state(params, tx, mesh)
-  step_fn = make_train_step(graphdef, rest, tx, model_cfg=model_cfg, image_token_id=IMAGE_TOKEN_ID, num_sources=1)
-  shardings = state_lib.state_shardings(state)
-  jit_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+  exp = Experiment(name="bench", model=model_cfg, stages=[stage], mesh=MeshConfig(data=1))
+  built = stage_lib.build_stage(exp, 0, mesh, vocab_size=model_cfg.decoder.vocab_size, image_token_id=IMAGE_TOKEN_ID,
+                                init="random")
+  state, jit_step = built.state, built.step
   vocab = model_cfg.decoder.vocab_size
   data_iter = iter(grain.MapDataset.range(1 << 30).map(
       lambda i: batch_at(i, batch=batch, seq_len=seq_len, vocab=vocab)).to_iter_dataset())
@@ -116,7 +114,7 @@ def run(directory: str, *, quick: bool, steps: int, every: int, batch: int, seq_
   with sharding.use_mesh(mesh), orbax_events() as events:
     for step in range(1, steps + 1):
       start = time.perf_counter()
-      state, metrics = jit_step(state, state_lib.global_batch(next(data_iter), mesh))
+      state, metrics = jit_step(state, sharding.global_batch(next(data_iter), mesh))
       jax.block_until_ready((state, metrics))
       elapsed = time.perf_counter() - start
       if step == 1:

@@ -3,7 +3,7 @@
     python bench/compile_depth.py            # depths 2, 4, 8, 16
     python bench/compile_depth.py --quick    # depths 2, 4 with fast-compile options (a smoke run)
 
-The step is the runner's (make_train_step, state shardings, state donated, a 1-device mesh) for a small model of
+The step is the runner's (stage.build_stage: state shardings, state donated; a 1-device mesh) for a small model of
 the recipe's structure with an MoE FFN in every second layer; the state and batch are abstract (nothing is
 allocated or run), so the figures are tracing + lowering and XLA compilation alone, in wall time and in this
 process's CPU time (steadier on a shared machine). model.scan_layers=True runs the stacked layers under
@@ -21,15 +21,12 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from mm15_jax import machine  # noqa: E402
 from mm15_jax import sharding  # noqa: E402
-from mm15_jax.config import (ConnectorConfig, DecoderConfig, MeshConfig, ModelConfig, MoEConfig,  # noqa: E402
-                             StageConfig, VisionConfig)
-from mm15_jax.train import optim  # noqa: E402
-from mm15_jax.train import state as state_lib  # noqa: E402
-from mm15_jax.train.step import make_train_step  # noqa: E402
+from mm15_jax.config import (ConnectorConfig, DataConfig, DecoderConfig, Experiment, MeshConfig,  # noqa: E402
+                             ModelConfig, MoEConfig, SplitConfig, StageConfig, VisionConfig)
+from mm15_jax.train import stage as stage_lib  # noqa: E402
 
 IMAGE_TOKEN_ID = 3
 TILE, POOLED_SIDE = 16, 2
@@ -47,33 +44,26 @@ def model_config(num_layers: int, scan_layers: bool) -> ModelConfig:
       dtype="float32", param_dtype="float32", remat="none", scan_layers=scan_layers)
 
 
-def batch_specs(mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  shapes = {"tokens": ((BATCH, SEQ_LEN), jnp.int32), "targets": ((BATCH, SEQ_LEN), jnp.int32),
-            "loss_mask": ((BATCH, SEQ_LEN), jnp.float32), "segment_ids": ((BATCH, SEQ_LEN), jnp.int32),
-            "positions": ((BATCH, SEQ_LEN), jnp.int32), "images": ((BATCH, MAX_IMAGES, TILE, TILE, 3), jnp.uint8),
-            "image_mask": ((BATCH, MAX_IMAGES), jnp.bool_), "source_ids": ((BATCH, SEQ_LEN), jnp.int32)}
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=state_lib.batch_sharding(mesh, len(shape)))
-          for k, (shape, dtype) in shapes.items()}
+def experiment(num_layers: int, scan_layers: bool) -> Experiment:
+  """One stage of BATCH rows of SEQ_LEN tokens and MAX_IMAGES finished tiles (resized on the host)."""
+  data = DataConfig(mixture={"bench": 1.0}, seq_len=SEQ_LEN, max_images=MAX_IMAGES,
+                    split=SplitConfig(enlarge_on_device=False))
+  stage = StageConfig(steps=100, batch_size=BATCH, image_size=TILE, data=data)
+  return Experiment(model=model_config(num_layers, scan_layers), stages=[stage], mesh=MeshConfig(data=1))
 
 
 def compile_step(num_layers: int, scan_layers: bool, compiler_options=None) -> dict:
   """Lowers and compiles the train step for this depth -> timings and the compiled program's size."""
   jax.clear_caches()
   mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
-  model_cfg = model_config(num_layers, scan_layers)
-  stage = StageConfig(steps=100, batch_size=BATCH)
+  exp = experiment(num_layers, scan_layers)
   start = time.perf_counter()
-  graphdef, params, rest = state_lib.sharded_abstract_model(model_cfg, mesh)
-  tx = optim.make_optimizer(stage, params)
-  state = state_lib.abstract_train_state(params, tx, mesh)
-  step_fn = make_train_step(graphdef, rest, tx, model_cfg=model_cfg, image_token_id=IMAGE_TOKEN_ID, num_sources=1)
-  shardings = state_lib.state_shardings(state)
+  built = stage_lib.build_stage(exp, 0, mesh, vocab_size=exp.model.decoder.vocab_size,
+                                image_token_id=IMAGE_TOKEN_ID, compiler_options=compiler_options)
   setup_s = time.perf_counter() - start
   with sharding.use_mesh(mesh):
-    jit_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0,
-                       compiler_options=compiler_options)
     start, cpu_start = time.perf_counter(), time.process_time()
-    lowered = jit_step.lower(state, batch_specs(mesh))
+    lowered = built.step.lower(built.state, built.batch_spec())
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
     lowered.compile()
@@ -82,7 +72,7 @@ def compile_step(num_layers: int, scan_layers: bool, compiler_options=None) -> d
   return {"layers": num_layers, "scan_layers": scan_layers, "setup_s": round(setup_s, 3),
           "lower_s": round(lower_s, 3), "compile_s": round(compile_s, 3), "total_s": round(lower_s + compile_s, 3),
           "cpu_s": round(cpu_s, 3), "hlo_chars": len(lowered.as_text()),
-          "num_params": sum(x.size for x in jax.tree.leaves(params))}
+          "num_params": sum(x.size for x in jax.tree.leaves(built.state.params))}
 
 
 def table(rows: list[dict]) -> str:

@@ -200,11 +200,11 @@ def stage_setting(name: str, exp, stage: int, rows: int, tile_size: int | None =
                   enlarge_on_device: bool | None = None, **data_changes) -> Setting:
   st = exp.stages[stage]
   tile = tile_size or st.image_size
-  split = dataclasses.replace(st.data.split, tile_size=tile)
+  split = st.data.split
   if enlarge_on_device is not None:
     split = dataclasses.replace(split, enlarge_on_device=enlarge_on_device)
   data = dataclasses.replace(st.data, num_workers=0, split=split, **data_changes)
-  return Setting(name, data, tile, exp.model.connector.pooled_side ** 2, rows)
+  return Setting(name, data, tile, exp.model.tokens_per_tile, rows)
 
 
 def open_pipeline(s: Setting, tok: Tokenizer, sources):
@@ -218,12 +218,12 @@ class BatchCounter:
   def __init__(self):
     self.batches = self.real_tokens = self.token_slots = self.real_images = self.image_slots = 0
 
-  def add(self, batch: dict) -> None:
+  def add(self, batch) -> None:
     self.batches += 1
-    self.real_tokens += int((batch["segment_ids"] != 0).sum())
-    self.token_slots += batch["segment_ids"].size
-    self.real_images += int(batch["image_mask"].sum())
-    self.image_slots += batch["image_mask"].size
+    self.real_tokens += int((batch.segment_ids != 0).sum())
+    self.token_slots += batch.segment_ids.size
+    self.real_images += int(batch.image_mask.sum())
+    self.image_slots += batch.image_mask.size
 
 
 def drawn_images(it, sources, first_unit: int, end_unit: int) -> tuple[int, list[bytes], list[list[bytes]]]:
@@ -292,7 +292,7 @@ def throughput(s: Setting, tok: Tokenizer, sources, rounds: int, batches_per_rou
 
       def run_batches():
         # Only the small arrays are kept (the tiles are freed at once).
-        batches[key] = [{k: b[k] for k in ("tokens", "segment_ids", "image_mask")}
+        batches[key] = [dataclasses.replace(b, images=None, image_extent=None)
                         for b in (next(iterator) for _ in range(batches_per_round))]
 
       with images_module(module):
@@ -302,7 +302,7 @@ def throughput(s: Setting, tok: Tokenizer, sources, rounds: int, batches_per_rou
     for batch in batches["pipeline"]:
       counter.add(batch)
     if baseline is not None and not all(
-        np.array_equal(a["tokens"], b["tokens"]) and np.array_equal(a["image_mask"], b["image_mask"])
+        np.array_equal(a.tokens, b.tokens) and np.array_equal(a.image_mask, b.image_mask)
         for a, b in zip(batches["pipeline"], batches["baseline"])):
       raise RuntimeError(f"{s.name}: the baseline images module changed the samples' tokens or tile counts")
     bad1, seen1 = it.bad_records
@@ -442,7 +442,7 @@ def main(argv=None) -> dict:
   n = size["packing_batches"]
   paper_bind = paper.stages[2].data.seq_len // stage3.tokens_per_tile
   demo_rows = demo.stages[2].batch_size
-  demo_bind = demo.stages[2].data.seq_len // (demo.model.connector.pooled_side ** 2)
+  demo_bind = demo.stages[2].data.seq_len // demo.model.tokens_per_tile
   packings = [
       dict(result["throughput"][3]["packing"], setting="mm15 SFT"),
       packing(stage_setting("mm15 SFT, tokens bind", paper, 2, rows, a.tile_size, max_images=paper_bind), tok,

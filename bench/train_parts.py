@@ -42,10 +42,11 @@ from flax import nnx  # noqa: E402
 
 from mm15_jax import machine  # noqa: E402
 from mm15_jax.config import DecoderConfig, ModelConfig  # noqa: E402
+from mm15_jax.data.batch import Batch  # noqa: E402
 from mm15_jax.models import decoder as decoder_lib  # noqa: E402
 from mm15_jax.models import layers  # noqa: E402
 from mm15_jax.models.connector import CAbstractor  # noqa: E402
-from mm15_jax.models.multimodal import normalize_images  # noqa: E402
+from mm15_jax.models.multimodal import MultimodalModel, normalize_images  # noqa: E402
 from mm15_jax.models.vit import VisionTransformer  # noqa: E402
 from mm15_jax.train import loss as loss_lib  # noqa: E402
 
@@ -127,13 +128,13 @@ def layer_pair(cfg: DecoderConfig, llama, b: int, t: int) -> dict[str, Callable[
           "torch": _torch_grad(forward, [tx, *theirs.parameters()], _cotangent(x.shape))}
 
 
-def vision_pair(cfg: ModelConfig, llava, shapes: train_step_lib.BenchShapes, batch: dict
+def vision_pair(cfg: ModelConfig, llava, shapes: train_step_lib.BenchShapes, batch: Batch
                 ) -> dict[str, Callable[[], None]]:
   from transformers import CLIPVisionModel
   vit = VisionTransformer(cfg.vision, scan_layers=cfg.scan_layers, dtype="float32", param_dtype="float32",
                           rngs=nnx.Rngs(0))
   s = shapes.image_size
-  images = normalize_images(jnp.asarray(batch["images"]).reshape(-1, s, s, 3))
+  images = normalize_images(jnp.asarray(batch.images).reshape(-1, s, s, 3))
   grid = s // cfg.vision.patch_size
   theirs = CLIPVisionModel(llava.vision_config).train()
   pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2))).requires_grad_()
@@ -161,18 +162,19 @@ def connector_pair(cfg: ModelConfig, llava, shapes: train_step_lib.BenchShapes) 
           "torch": _torch_grad(lambda: theirs(tx), [tx, *theirs.parameters()], cotangent)}
 
 
-def head_pair(cfg: ModelConfig, batch: dict) -> dict[str, Callable[[], None]]:
+def head_pair(cfg: ModelConfig, batch: Batch) -> dict[str, Callable[[], None]]:
   d, v = cfg.decoder.d_model, cfg.decoder.vocab_size
-  b, t = batch["targets"].shape
+  b, t = batch.targets.shape
   x = jax.random.normal(jax.random.key(0), (b, t, d))
   w = jax.random.normal(jax.random.key(1), (d, v)) * d ** -0.5
-  targets, mask = jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_mask"])
-  mean_ce = lambda x, w: loss_lib.weighted_cross_entropy(x, w, targets, mask, chunk=cfg.loss_chunk)[0] / mask.sum()
+  targets, mask = jnp.asarray(batch.targets), jnp.asarray(batch.loss_mask)
+  mean_ce = lambda x, w: loss_lib.weighted_cross_entropy(
+      x, w, targets, mask, head=MultimodalModel.head_logits, chunk=cfg.loss_chunk)[0] / mask.sum()
   grads = jax.jit(jax.grad(mean_ce, argnums=(0, 1)))
   tx = torch.from_numpy(np.array(x)).requires_grad_()
   tw = torch.from_numpy(np.array(w)).requires_grad_()
-  t_targets = torch.from_numpy(batch["targets"].astype(np.int64)).flatten()
-  t_mask = torch.from_numpy(batch["loss_mask"]).flatten()
+  t_targets = torch.from_numpy(batch.targets.astype(np.int64)).flatten()
+  t_mask = torch.from_numpy(batch.loss_mask).flatten()
 
   def torch_grads():  # as bench/train_step.py's reference step: logits of every position, masked mean
     tx.grad = tw.grad = None

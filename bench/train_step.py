@@ -46,15 +46,15 @@ import torch  # noqa: E402
 
 from mm15_jax import machine  # noqa: E402
 from mm15_jax import sharding  # noqa: E402
-from mm15_jax.config import (ConnectorConfig, DecoderConfig, MeshConfig, ModelConfig, StageConfig,  # noqa: E402
-                             VisionConfig)
+from mm15_jax.config import (ConnectorConfig, DecoderConfig, Experiment, MeshConfig, ModelConfig,  # noqa: E402
+                             StageConfig, VisionConfig)
+from mm15_jax.data.batch import Batch  # noqa: E402
 from mm15_jax.models import count as count_lib  # noqa: E402
 from mm15_jax.models import decoder as decoder_lib  # noqa: E402
 from mm15_jax.models.multimodal import CLIP_MEAN, CLIP_STD  # noqa: E402
 from mm15_jax.train import flops as flops_lib  # noqa: E402
 from mm15_jax.train import optim  # noqa: E402
-from mm15_jax.train import state as state_lib  # noqa: E402
-from mm15_jax.train import step as step_lib  # noqa: E402
+from mm15_jax.train import stage as stage_lib  # noqa: E402
 
 IMAGE_TOKEN_ID = 3
 LEARNING_RATE = 1e-3
@@ -103,7 +103,7 @@ def tokens_per_image(cfg: ModelConfig, shapes: BenchShapes) -> int:
   return grid * grid
 
 
-def make_batch(cfg: ModelConfig, shapes: BenchShapes, seed: int = 0) -> dict[str, np.ndarray]:
+def make_batch(cfg: ModelConfig, shapes: BenchShapes, seed: int = 0) -> Batch:
   """A training batch (the trainer's contract): one sequence per row, image n's K placeholders at n * T / N + 1."""
   rng = np.random.default_rng(seed)
   b, t, n, s = shapes.batch, shapes.seq_len, shapes.images_per_row, shapes.image_size
@@ -115,7 +115,7 @@ def make_batch(cfg: ModelConfig, shapes: BenchShapes, seed: int = 0) -> dict[str
     start = i * (t // n) + 1
     ids[:, start:start + k] = IMAGE_TOKEN_ID
   tokens, targets = ids[:, :-1], ids[:, 1:]
-  return dict(
+  return Batch(
       tokens=np.ascontiguousarray(tokens), targets=np.ascontiguousarray(targets),
       loss_mask=(targets != IMAGE_TOKEN_ID).astype(np.float32), segment_ids=np.ones((b, t), np.int32),
       positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)),
@@ -130,18 +130,15 @@ def make_batch(cfg: ModelConfig, shapes: BenchShapes, seed: int = 0) -> dict[str
 class JaxTrainer:
   """Our model, optimiser and jitted train step (state donated) on one CPU device."""
 
-  def __init__(self, cfg: ModelConfig, batch: dict, *, seed: int = 0, compiler_options: dict | None = None):
+  def __init__(self, cfg: ModelConfig, batch: Batch, *, seed: int = 0, compiler_options: dict | None = None):
     self.mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    self.graphdef, params, self.rest = state_lib.init_params(cfg, self.mesh, seed)
-    stage = StageConfig(steps=1000, learning_rate=LEARNING_RATE, warmup_fraction=0.0, clip_norm=CLIP_NORM)
-    self.tx = optim.make_optimizer(stage, params)
-    self.state = state_lib.new_train_state(params, self.tx, self.mesh)
-    step = step_lib.make_train_step(self.graphdef, self.rest, self.tx, model_cfg=cfg, image_token_id=IMAGE_TOKEN_ID,
-                                    num_sources=1)
-    shardings = state_lib.state_shardings(self.state)
-    self._step = jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0,
-                         compiler_options=compiler_options)
-    self.batch = state_lib.global_batch(batch, self.mesh)
+    stage = StageConfig(steps=1000, learning_rate=LEARNING_RATE, warmup_fraction=0.0, clip_norm=CLIP_NORM,
+                        image_size=cfg.vision.image_size)
+    exp = Experiment(model=cfg, stages=[stage], mesh=MeshConfig(data=1), seed=seed)
+    built = stage_lib.build_stage(exp, 0, self.mesh, vocab_size=cfg.decoder.vocab_size, image_token_id=IMAGE_TOKEN_ID,
+                                  init="random", num_sources=1, compiler_options=compiler_options)
+    self.state, self.tx, self._step = built.state, built.tx, built.step
+    self.batch = sharding.global_batch(batch, self.mesh)
 
   def num_params(self) -> int:
     return sum(x.size for x in jax.tree.leaves(self.state.params))
@@ -179,20 +176,20 @@ def llava_config(cfg: ModelConfig, shapes: BenchShapes, attn_implementation: str
 class TorchTrainer:
   """transformers.LlavaForConditionalGeneration with the same loss, clipping and torch.optim.Adafactor."""
 
-  def __init__(self, cfg: ModelConfig, shapes: BenchShapes, batch: dict, *, seed: int = 0,
+  def __init__(self, cfg: ModelConfig, shapes: BenchShapes, batch: Batch, *, seed: int = 0,
                attn_implementation: str = "sdpa"):
     import transformers
     torch.manual_seed(seed)
     self.autocast = cfg.dtype != "float32"  # mixed precision like ours: float32 parameters, bfloat16 compute
     self.model = transformers.LlavaForConditionalGeneration(llava_config(cfg, shapes, attn_implementation)).train()
     self.opt = torch.optim.Adafactor(self.model.parameters(), lr=LEARNING_RATE)
-    b, n, s = batch["images"].shape[:3]
-    pixels = batch["images"].reshape(b * n, s, s, 3).astype(np.float32) / 255.0
+    b, n, s = batch.images.shape[:3]
+    pixels = batch.images.reshape(b * n, s, s, 3).astype(np.float32) / 255.0
     pixels = (pixels - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
     self.pixel_values = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
-    self.input_ids = torch.from_numpy(batch["tokens"].astype(np.int64))
-    self.targets = torch.from_numpy(batch["targets"].astype(np.int64))
-    self.loss_mask = torch.from_numpy(batch["loss_mask"])
+    self.input_ids = torch.from_numpy(batch.tokens.astype(np.int64))
+    self.targets = torch.from_numpy(batch.targets.astype(np.int64))
+    self.loss_mask = torch.from_numpy(batch.loss_mask)
 
   def num_params(self) -> int:
     return sum(p.numel() for p in self.model.parameters())

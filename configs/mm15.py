@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 from mm15_jax.config import DataConfig, Experiment, MeshConfig, SplitConfig, StageConfig
-from mm15_jax.configs import models
+from mm15_jax.configs import presets
 from mm15_jax.data import mixture
 
 # Tile slots per 4096-token row in stages 2 and 3: as many as 144-token tiles fit (4096 // 144), so the token budget,
@@ -35,18 +35,18 @@ def get_config(data_dir: str = "data", size: str = "3b") -> Experiment:
 
   pretrain = StageConfig(
       name="pretrain", image_size=378, steps=200_000, batch_size=512, learning_rate=1e-4,
-      checkpoint_every=2000, data=data(mixture.stage1_mixture(), SplitConfig(mode="none", tile_size=378), 16))
+      checkpoint_every=2000, data=data(mixture.stage1_mixture(), SplitConfig(mode="none"), 16))
   ocr = StageConfig(
       name="ocr", image_size=672, steps=30_000, batch_size=256, learning_rate=1e-5, init_from="previous",
       warmup_fraction=0.01, end_lr_fraction=0.0,
       checkpoint_every=1000,
-      data=data({s: 1.0 for s in mixture.STAGE2_SOURCES}, SplitConfig(mode="static", tile_size=672), TILE_SLOTS,
+      data=data({s: 1.0 for s in mixture.STAGE2_SOURCES}, SplitConfig(mode="static"), TILE_SLOTS,
                 equal_sources=True))
   sft = StageConfig(
       name="sft", image_size=672, steps=23_000, batch_size=256, learning_rate=1e-5, init_from="previous",
       warmup_fraction=0.01, end_lr_fraction=0.0, epochs=1.0,
       checkpoint_every=1000,
-      data=data(mixture.sft_mixture("all"), SplitConfig(mode="dynamic", tile_size=672, n_min=4, n_max=9),
+      data=data(mixture.sft_mixture("all"), SplitConfig(mode="dynamic", n_min=4, n_max=9),
                 TILE_SLOTS))
-  return Experiment(name=f"mm15-{size}", model=models.get(size), stages=[pretrain, ocr, sft],
+  return Experiment(name=f"mm15-{size}", model=presets.get(size), stages=[pretrain, ocr, sft],
                     mesh=MeshConfig(data=-1, fsdp=1))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 
 from mm15_jax.config import DataConfig, Experiment, MeshConfig, SplitConfig, StageConfig, VideoConfig
-from mm15_jax.configs import models
+from mm15_jax.configs import presets
 
 FRAME_SIZE = 378  # the stage-1 tile size: one 144-token encoding per frame
 TILE_SLOTS = 28   # as configs/mm15.py: 4096 // 144 image slots per row
@@ -37,10 +37,10 @@ def get_config(data_dir: str = "data", size: str = "3b", init_from: str = "runs/
   if not names:
     raise ValueError("mm15_video: --arg mixture names no dataset")
   data = DataConfig(data_dir=data_dir, tokenizer=os.path.join(data_dir, "tokenizer.model"),
-                    mixture={n: 1.0 for n in names}, split=SplitConfig(mode="none", tile_size=FRAME_SIZE),
+                    mixture={n: 1.0 for n in names}, split=SplitConfig(mode="none"),
                     seq_len=4096, max_images=TILE_SLOTS, num_workers=8, video=VideoConfig(frames=frames))
   video_sft = StageConfig(
       name="video_sft", image_size=FRAME_SIZE, steps=23_000, epochs=1.0, batch_size=256, learning_rate=1e-5,
       warmup_fraction=0.01, end_lr_fraction=0.0, init_from=init_from, checkpoint_every=1000, data=data)
-  return Experiment(name=f"mm15-{size}-video", model=models.get(size), stages=[video_sft],
+  return Experiment(name=f"mm15-{size}-video", model=presets.get(size), stages=[video_sft],
                     mesh=MeshConfig(data=-1, fsdp=1))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from mm15_jax.config import DataConfig, Experiment, MeshConfig, SplitConfig, StageConfig
-from mm15_jax.configs import models
+from mm15_jax.configs import presets
 from mm15_jax.data import mixture
 
 STAGE1_SIZE, TILE_SIZE = 32, 64
@@ -29,15 +29,15 @@ def get_config(data_dir: str = "runs/demo/data", scale: float = 1.0) -> Experime
   pretrain = StageConfig(
       name="pretrain", image_size=STAGE1_SIZE, steps=steps(200), batch_size=16, learning_rate=1e-3,
       warmup_fraction=0.05, end_lr_fraction=0.1, log_every=10, checkpoint_every=100,
-      data=data(mixture.stage1_mixture(), SplitConfig(mode="none", tile_size=STAGE1_SIZE), 384, 8))
+      data=data(mixture.stage1_mixture(), SplitConfig(mode="none"), 384, 8))
   ocr = StageConfig(
       name="ocr", image_size=TILE_SIZE, steps=steps(40), batch_size=8, learning_rate=5e-4,
       warmup_fraction=0.05, init_from="previous", log_every=10, checkpoint_every=100,
-      data=data({s: 1.0 for s in mixture.STAGE2_SOURCES}, SplitConfig(mode="static", tile_size=TILE_SIZE), 384, 10,
+      data=data({s: 1.0 for s in mixture.STAGE2_SOURCES}, SplitConfig(mode="static"), 384, 10,
                 equal_sources=True))
   sft = StageConfig(
       name="sft", image_size=TILE_SIZE, steps=steps(250), batch_size=8, learning_rate=1e-3,
       warmup_fraction=0.05, init_from="previous", log_every=10, checkpoint_every=100,
-      data=data(mixture.sft_mixture("all"), SplitConfig(mode="dynamic", tile_size=TILE_SIZE, n_min=4, n_max=9),
+      data=data(mixture.sft_mixture("all"), SplitConfig(mode="dynamic", n_min=4, n_max=9),
                 512, 20))
-  return Experiment(name="tiny", model=models.tiny(), stages=[pretrain, ocr, sft], mesh=MeshConfig(data=-1))
+  return Experiment(name="tiny", model=presets.tiny(), stages=[pretrain, ocr, sft], mesh=MeshConfig(data=-1))

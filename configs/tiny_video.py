@@ -17,16 +17,16 @@ from __future__ import annotations
 import os
 
 from mm15_jax.config import DataConfig, Experiment, MeshConfig, SplitConfig, StageConfig, VideoConfig
-from mm15_jax.configs import models, tiny
+from mm15_jax.configs import presets, tiny
 
 
 def get_config(data_dir: str = "runs/demo/data", init_from: str = "runs/demo/sft/checkpoints",
                scale: float = 1.0, frames: int = 8) -> Experiment:
   """`scale` multiplies the step count (tests use a small one)."""
   data = DataConfig(data_dir=data_dir, tokenizer=os.path.join(data_dir, "tokenizer.model"),
-                    mixture={"video_qa": 1.0}, split=SplitConfig(mode="none", tile_size=tiny.STAGE1_SIZE),
+                    mixture={"video_qa": 1.0}, split=SplitConfig(mode="none"),
                     seq_len=512, max_images=2 * frames, video=VideoConfig(frames=frames))
   video_sft = StageConfig(
       name="video_sft", image_size=tiny.STAGE1_SIZE, steps=max(2, round(150 * scale)), batch_size=8,
       learning_rate=1e-3, warmup_fraction=0.05, init_from=init_from, log_every=10, checkpoint_every=100, data=data)
-  return Experiment(name="tiny-video", model=models.tiny(), stages=[video_sft], mesh=MeshConfig(data=-1))
+  return Experiment(name="tiny-video", model=presets.tiny(), stages=[video_sft], mesh=MeshConfig(data=-1))

@@ -61,7 +61,10 @@ def load_experiment(name: str, args: list[str] | None = None, overrides: list[st
     if name not in builtin:
       raise SystemExit(f"--config {name!r}: not a built-in config ({sorted(builtin)}) nor a .py file")
     module = builtin[name]
-  exp = module.get_config(**_key_values(args, "--arg"))
+  try:
+    exp = module.get_config(**_key_values(args, "--arg"))
+  except config_lib.RemovedKeyError as e:
+    raise SystemExit(f"--config {name}: {e}") from e
   try:
     return config_lib.override(exp, overrides or [])
   except (KeyError, TypeError, ValueError) as e:
@@ -75,6 +78,7 @@ def _add_config_flags(p):
 
 
 def cmd_train(a):
+  from mm15_jax.eval import run as eval_run
   from mm15_jax.train import distributed, runner
   distributed.initialize()
   exp = load_experiment(a.config, a.arg, a.set)
@@ -85,7 +89,7 @@ def cmd_train(a):
     raise SystemExit(f"--stage: unknown stage(s) {unknown}; this config has {names}")
   for i, stage in enumerate(exp.stages):
     if stage.name in wanted:
-      runner.run_stage(exp, i, a.workdir)
+      runner.run_stage(exp, i, a.workdir, evaluate=eval_run.periodic_eval)
 
 
 def cmd_aot(a):

@@ -13,7 +13,7 @@ from typing import Any
 @dataclasses.dataclass
 class VisionConfig:
   """CLIP-style ViT (pre-LN, class token)."""
-  image_size: int = 378          # size the position embeddings were trained at
+  image_size: int = 378          # size of its position embeddings (training sets it to the stage's image_size)
   patch_size: int = 14
   width: int = 1280
   depth: int = 32
@@ -92,12 +92,32 @@ class ModelConfig:
   # (moved to the front), skipping chunks that hold none (image placeholders, prompts, padding). 0: all at once.
   loss_chunk: int = 256
 
+  @property
+  def tokens_per_tile(self) -> int:
+    """Decoder positions one image tile fills: the connector's pooled grid."""
+    return self.connector.pooled_side ** 2
+
+
+class RemovedKeyError(ValueError):
+  """A config key that no longer exists, with what replaces it."""
+
+
+# (config class, field) -> what to set instead
+REMOVED_KEYS = {
+    ("SplitConfig", "tile_size"): "the tile size is the stage's: set stages.<name>.image_size",
+}
+
+
+def _removed(cls_name: str, key: str, where: str) -> RemovedKeyError | None:
+  hint = REMOVED_KEYS.get((cls_name, key))
+  return None if hint is None else RemovedKeyError(f"config key {where!r} was removed: {hint}")
+
 
 @dataclasses.dataclass
 class SplitConfig:
-  """How images become tiles. mode: "none" (one encoding per image), "static", "dynamic"."""
+  """How images become tiles. mode: "none" (one encoding per image), "static", "dynamic". The tile size is the
+  stage's image_size."""
   mode: str = "none"
-  tile_size: int = 378
   n_min: int = 4                 # dynamic: fewest tiles
   n_max: int = 9                 # dynamic: most tiles
   static_grid: int = 2           # static: grid x grid tiles
@@ -110,6 +130,11 @@ class SplitConfig:
   # The model enlarges tiles (bicubic, on the accelerator): the batch carries each tile's source pixels and their
   # extent (batch["image_extent"]), so the host never writes an enlarged tile. "fast" only; shrinks stay on the host.
   enlarge_on_device: bool = True
+  tile_size: dataclasses.InitVar[int | None] = None  # removed: an error naming its replacement
+
+  def __post_init__(self, tile_size):
+    if tile_size is not None:
+      raise _removed("SplitConfig", "tile_size", "data.split.tile_size")
 
 
 @dataclasses.dataclass
@@ -164,7 +189,7 @@ class StageConfig:
   clip_norm: float = 1.0
   weight_decay: float = 0.0
   trainable: str = ".*"          # regex over parameter paths; others are frozen
-  image_size: int = 378          # encoder input: tile size of this stage
+  image_size: int = 378          # tile size of this stage: the encoder's input (model.vision.image_size follows it)
   init_from: str = ""            # "", "previous" (the stage before), or a checkpoint directory
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3      # the last K checkpoints ...
@@ -207,6 +232,10 @@ def from_dict(cls, d: dict[str, Any]):
   """Rebuilds a (nested) config dataclass from `to_dict` output; unknown keys are errors."""
   names = {f.name: f for f in dataclasses.fields(cls)}
   unknown = set(d) - set(names)
+  for key in sorted(unknown):
+    error = _removed(cls.__name__, key, key)
+    if error is not None:
+      raise error
   if unknown:
     raise KeyError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}")
   kwargs = {}
@@ -269,6 +298,9 @@ def _set(obj, path, value, full_key):
       return
     return _set(obj[head], rest, value, full_key)
   if not dataclasses.is_dataclass(obj) or head not in {f.name for f in dataclasses.fields(obj)}:
+    removed = _removed(type(obj).__name__, head, full_key)
+    if removed is not None:
+      raise removed
     raise KeyError(f"config key {full_key!r}: {type(obj).__name__} has no field {head!r}")
   if not rest:
     current = getattr(obj, head)

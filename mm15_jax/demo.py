@@ -25,7 +25,7 @@ def run(workdir: str, *, scale: float = 1.0, seed: int = 0, overrides: list[str]
     print(f"[demo] reusing the synthetic corpus in {data_dir}")
   exp = config_lib.override(tiny.get_config(data_dir=data_dir, scale=scale), list(overrides))
   exp.seed = seed
-  stages = [runner.run_stage(exp, i, workdir) for i in range(len(exp.stages))]
+  stages = [runner.run_stage(exp, i, workdir, evaluate=eval_run.periodic_eval) for i in range(len(exp.stages))]
   report = eval_run.evaluate_workdir(exp, workdir, max_examples=max_eval_examples)
   summary = {"stages": stages, "eval": report, "seconds": time.perf_counter() - t0}
   paths.path(workdir).joinpath("summary.json").write_text(json.dumps(summary, indent=2))

@@ -120,3 +120,44 @@ def constrain(x, names):
 
 def named_sharding(mesh: Mesh, names) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(names))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """An array of the batch: its leading (row) axis over the batch axes, the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
+
+
+def global_batch(local_tree, mesh: Mesh):
+  """Host-local numpy arrays (rows of this process) -> global jax arrays sharded over the batch axes (multi-host
+  safe: process p's rows are the p-th block of the global rows)."""
+
+  def one(x):
+    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, global_shape)
+
+  return jax.tree.map(one, local_tree)
+
+
+def param_shardings(abstract_state, mesh: Mesh):
+  """NamedShardings from the logical axis names of every variable in an (abstract) nnx.State; an axis that does not
+  divide over its mesh axes is an error naming the parameter and the mesh config keys."""
+  from flax import nnx
+
+  def one(path, spec, x):
+    mesh_spec = logical_to_spec(tuple(spec))
+    for size, logical, axes in zip(x.shape, tuple(spec), mesh_spec):
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      ways = math.prod(mesh.shape[a] for a in axes)
+      if size % ways:
+        keys = ", ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+        name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+        raise ValueError(f"parameter {name}: axis {logical!r} of size {size} does not divide "
+                         f"over {keys}; choose mesh sizes that divide it")
+    return NamedSharding(mesh, mesh_spec)
+
+  return jax.tree_util.tree_map_with_path(one, nnx.get_partition_spec(abstract_state), abstract_state,
+                                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))

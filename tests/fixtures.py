@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from mm15_jax import sharding
+from mm15_jax.data.batch import Batch
 from mm15_jax.config import (ConnectorConfig, DecoderConfig, Experiment, MeshConfig, ModelConfig, MoEConfig,
                              VisionConfig)
 
@@ -51,7 +52,7 @@ def mesh_of(cfg: MeshConfig, num_devices: int | None = None):
 
 
 def synthetic_batch(seed: int, *, batch: int = 8, seq_len: int = 64, max_images: int = 2, vocab: int = 256,
-                    image_token_id: int = 3, num_sources: int = 2, image_size: int = IMAGE_SIZE) -> dict:
+                    image_token_id: int = 3, num_sources: int = 2, image_size: int = IMAGE_SIZE) -> Batch:
   """A batch obeying the trainer's contract: two packed segments per row, K placeholders per real tile, padding.
 
   The loss mask is 0 on padding, on targets that are image placeholders and on a few "prompt" tokens.
@@ -82,8 +83,8 @@ def synthetic_batch(seed: int, *, batch: int = 8, seq_len: int = 64, max_images:
       positions[b, sl] = np.arange(length)
       source_ids[b, sl] = (b + seg) % num_sources
       start += length
-  return dict(tokens=tokens, targets=targets, loss_mask=loss_mask, segment_ids=segment_ids, positions=positions,
-              images=images, image_mask=image_mask, source_ids=source_ids)
+  return Batch(tokens=tokens, targets=targets, loss_mask=loss_mask, segment_ids=segment_ids, positions=positions,
+               images=images, image_mask=image_mask, source_ids=source_ids)
 
 
 def flat(tree) -> dict[str, np.ndarray]:
@@ -131,7 +132,7 @@ def tiny_experiment(data_dir: str, *, steps: int = 4, seq_len: int = 128) -> Exp
   pretrain, ocr = exp.stages[0], exp.stages[1]
   pretrain.data.mixture = {"caption": 1.0, "text": 1.0}
   for stage, size in ((pretrain, IMAGE_SIZE), (ocr, 2 * IMAGE_SIZE)):
-    stage.image_size = stage.data.split.tile_size = size
+    stage.image_size = size
     stage.data.seq_len = seq_len
     stage.batch_size, stage.steps, stage.log_every, stage.checkpoint_every = 8, steps, 1, 1000
   ocr.data.max_images = 5

@@ -6,7 +6,8 @@ import pytest
 
 from mm15_jax import cli
 from mm15_jax.models import count
-from mm15_jax.train import aot, runner
+from mm15_jax.train import aot
+from mm15_jax.train import stage as stage_lib
 
 # The tiny experiment, made smaller so the compile is quick: batch 8 (one row per CPU device), 64 tokens.
 SMALL = ["model.decoder.vocab_size=512", "model.decoder.num_layers=2", "stages.pretrain.batch_size=8",
@@ -19,7 +20,7 @@ def _tpu_available() -> bool:
 
 
 def _param_count(exp) -> int:
-  return count.count(runner.stage_model_config(exp.model, exp.stages[0], 512))["all"]["total"]
+  return count.count(stage_lib.stage_model_config(exp.model, exp.stages[0], 512))["all"]["total"]
 
 
 def test_cpu_compile_reports_memory_and_flops():
@@ -85,7 +86,7 @@ def test_paper_preset_optimizer_state_is_factored_and_sharded(size):
   from mm15_jax.train import optim, state as state_lib
   exp = cli.load_experiment("mm15", [f"size={size}"], ["mesh.data=1", "mesh.fsdp=-1"])
   mesh = sharding.make_mesh(exp.mesh, aot.topology_devices("v5p:4x4x4"))
-  model_cfg = runner.stage_model_config(exp.model, exp.stages[0], exp.model.decoder.vocab_size)
+  model_cfg = stage_lib.stage_model_config(exp.model, exp.stages[0], exp.model.decoder.vocab_size)
   _, params, _ = state_lib.sharded_abstract_model(model_cfg, mesh)
   state = state_lib.abstract_train_state(params, optim.make_optimizer(exp.stages[0], params), mesh)
   total = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))

@@ -36,7 +36,7 @@ def setup(tok, tmp_path_factory):
   params = nnx.state(MultimodalModel(cfg, rngs=nnx.Rngs(0)), nnx.Param)
   checkpoint.save_params(str(root / "ckpt"), params, {"model": config_lib.to_dict(cfg), "step": 0})
   data = DataConfig(tokenizer=tok.model_path, seq_len=256, max_images=8,
-                    split=SplitConfig(mode="dynamic", tile_size=16, n_min=1, n_max=2))
+                    split=SplitConfig(mode="dynamic", n_min=1, n_max=2))
   exp = Experiment(model=cfg, stages=[StageConfig(name="sft", image_size=16, data=data)], mesh=MeshConfig(data=-1))
   image = root / "a.png"
   image.write_bytes(png(24, 40, (200, 30, 30)))

@@ -41,8 +41,8 @@ def test_head_sides_compute_the_same_gradients(bench):
   """Our fused, chunked loss (chunks skipped where no token counts) against torch's logits of every position."""
   cfg = dataclasses.replace(bench.train_step_lib.bench_config(quick=True), loss_chunk=8)
   batch = bench.train_step_lib.make_batch(cfg, bench.train_step_lib.bench_shapes(quick=True))
-  counted = batch["loss_mask"].sum(1)
-  assert counted.max() <= batch["loss_mask"].shape[1] - cfg.loss_chunk  # the last chunk is skipped
+  counted = batch.loss_mask.sum(1)
+  assert counted.max() <= batch.loss_mask.shape[1] - cfg.loss_chunk  # the last chunk is skipped
   pair = bench.head_pair(cfg, batch)
   for name, a, b in zip(("dx", "dw"), pair["ours"](), pair["torch"]()):
     assert b.abs().max() > 0

@@ -133,11 +133,11 @@ def test_batch_contract(bench):
   cfg, shapes = bench.bench_config(quick=True), bench.bench_shapes(quick=True)
   batch = bench.make_batch(cfg, shapes)
   k = bench.tokens_per_image(cfg, shapes)
-  placeholders = (batch["tokens"] == bench.IMAGE_TOKEN_ID).sum(1)
+  placeholders = (batch.tokens == bench.IMAGE_TOKEN_ID).sum(1)
   np.testing.assert_array_equal(placeholders, shapes.images_per_row * k)
-  np.testing.assert_array_equal(batch["tokens"][:, 1:], batch["targets"][:, :-1])
-  np.testing.assert_array_equal(batch["loss_mask"] == 0, batch["targets"] == bench.IMAGE_TOKEN_ID)
-  assert batch["images"].shape == (shapes.batch, shapes.images_per_row, shapes.image_size, shapes.image_size, 3)
+  np.testing.assert_array_equal(batch.tokens[:, 1:], batch.targets[:, :-1])
+  np.testing.assert_array_equal(batch.loss_mask == 0, batch.targets == bench.IMAGE_TOKEN_ID)
+  assert batch.images.shape == (shapes.batch, shapes.images_per_row, shapes.image_size, shapes.image_size, 3)
   with pytest.raises(ValueError, match="pooled_side"):
     cfg.connector.pooled_side += 1
     bench.tokens_per_image(cfg, shapes)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mm15_jax.configs import models
+from mm15_jax.configs import presets
 from mm15_jax.config import DecoderConfig
 from mm15_jax.models.count import count
 from mm15_jax.models.multimodal import MultimodalModel
@@ -38,7 +38,7 @@ def decoder_formula(c: DecoderConfig) -> tuple[int, int]:
 
 @pytest.mark.parametrize("name", list(NOMINAL))
 def test_paper_presets_match_their_names(name):
-  cfg = models.get(name)
+  cfg = presets.get(name)
   counts = count(cfg)
   assert (counts["decoder"]["total"], counts["decoder"]["active"]) == decoder_formula(cfg.decoder)
   nominal = NOMINAL[name]
@@ -56,7 +56,7 @@ def test_paper_presets_match_their_names(name):
 
 
 def test_count_equals_a_sum_over_an_initialised_model():
-  cfg = models.tiny(vocab_size=256)
+  cfg = presets.tiny(vocab_size=256)
   init = lambda: nnx.state(MultimodalModel(cfg, rngs=nnx.Rngs(0)), nnx.Param)
   params = jax.jit(init, compiler_options=FAST_COMPILE)()  # real arrays; compiled init beats eager op dispatch
   totals, experts = {}, 0

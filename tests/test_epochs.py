@@ -1,20 +1,22 @@
 """stages.<s>.epochs: steps from the mixture's sizes and the measured samples per packed row, kept on resume."""
 import os
 import signal
+import types
 
 import numpy as np
 import pytest
 
 from fixtures import compilation_cache, corpus_dir, tiny_experiment, with_stage  # noqa: F401 (fixtures)
+from mm15_jax import layout
 from mm15_jax.config import DataConfig, StageConfig
 from mm15_jax.data import pipeline as pipeline_lib
 from mm15_jax.train import checkpoint as ckpt_lib
 from mm15_jax.train import epochs, runner
-from mm15_jax.train.metrics import MetricsWriter
+from mm15_jax.train.logs import MetricsWriter
 
 
 def _batches(per_row_lists):
-  return iter([{"stat_samples": np.array(rows, np.int32)} for rows in per_row_lists])
+  return iter([types.SimpleNamespace(stats={"samples": np.array(rows, np.int32)}) for rows in per_row_lists])
 
 
 def test_arithmetic():
@@ -79,7 +81,7 @@ def test_runner_resolves_epochs_and_resume_keeps_them(corpus_dir, compilation_ca
     m.setattr(runner, "MetricsWriter", _StopAt)
     with pytest.raises(SystemExit):
       runner.run_stage(exp, 0, workdir, log=log.append)
-  meta = ckpt_lib.read_meta(runner.checkpoint_dir(workdir, exp.stages[0]))
+  meta = ckpt_lib.read_meta(layout.checkpoint_dir(workdir, exp.stages[0]))
   schedule = meta["schedule"]
   assert meta["step"] == 1 and meta["stage"]["steps"] == schedule["steps"] and 1 < schedule["steps"] < 1000
   assert schedule["samples"] == samples and schedule["samples_per_row"] > 1.0  # rows pack several samples
@@ -95,4 +97,4 @@ def test_runner_resolves_epochs_and_resume_keeps_them(corpus_dir, compilation_ca
   summary = runner.run_stage(exp, 0, workdir, log=log.append)
   assert summary["steps"] == schedule["steps"]
   assert any("as the checkpoint resolved them" in line for line in log)
-  assert ckpt_lib.read_meta(runner.checkpoint_dir(workdir, exp.stages[0]))["schedule"] == schedule
+  assert ckpt_lib.read_meta(layout.checkpoint_dir(workdir, exp.stages[0]))["schedule"] == schedule

@@ -222,6 +222,6 @@ def test_convert_into_bucket(gcs, env, workspace, tmp_path):
 
 def test_failed_metrics_write_raises(env, workspace):
   """The training loop's metrics writer raises on a write the bucket refuses (the run stops, it does not go on)."""
-  result = run([sys.executable, "-c", "from mm15_jax.train.metrics import MetricsWriter; "
+  result = run([sys.executable, "-c", "from mm15_jax.train.logs import MetricsWriter; "
                 "MetricsWriter('gs://no-such-bucket/run').write(1, {'loss': 1.0})"], env, workspace)
   assert result.returncode != 0 and "no-such-bucket" in result.stderr

@@ -64,4 +64,4 @@ def test_indivisible_axis_names_the_parameter_and_mesh_key():
   mesh = sharding.make_mesh(MeshConfig(data=2, tensor=4))
   abstract = nnx.state(nnx.eval_shape(lambda: mm.MultimodalModel(cfg, rngs=nnx.Rngs(0))))
   with pytest.raises(ValueError, match=r"attn/k: axis 'kv_heads' of size 2 does not divide over mesh.tensor=4"):
-    mm.param_shardings(abstract, mesh)
+    sharding.param_shardings(abstract, mesh)

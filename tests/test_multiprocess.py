@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fixtures import compilation_cache, corpus_dir, tiny_experiment  # noqa: F401 (fixtures)
+from mm15_jax import layout
 from mm15_jax.train import checkpoint as ckpt_lib
 from mm15_jax.train import runner
 
@@ -30,9 +31,9 @@ HOST_SCRIPT = textwrap.dedent("""
     distributed.initialize()
     import jax
     from fixtures import tiny_experiment
-    from mm15_jax.train import metrics, runner
+    from mm15_jax.train import logs, runner
 
-    class SigtermOneHost(metrics.MetricsWriter):
+    class SigtermOneHost(logs.MetricsWriter):
       def write(self, step, scalars):
         super().write(step, scalars)
         if step == 1 and str(jax.process_index()) == os.environ.get("SIGTERM_PROCESS"):
@@ -46,7 +47,7 @@ HOST_SCRIPT = textwrap.dedent("""
 
 def losses(workdir, exp) -> dict[int, float]:
   out = {}
-  with open(os.path.join(runner.stage_dir(workdir, exp.stages[0]), "metrics.jsonl")) as f:
+  with open(os.path.join(layout.stage_dir(workdir, exp.stages[0]), "metrics.jsonl")) as f:
     for line in f:
       record = json.loads(line)
       assert out.setdefault(record["step"], record["loss"]) == record["loss"]
@@ -76,7 +77,7 @@ def test_two_processes_match_one_process_and_stop_together(corpus_dir, compilati
   assert "[p0] devices 2 4 8" in output and "[p1] devices 2 4 8" in output, output
   for p in (0, 1):  # process 0 never saw a signal, yet stops with process 1 at the first agreement after it
     assert f"[p{p}] [pretrain] SIGTERM: saved step 3, exiting" in output, output
-  assert ckpt_lib.read_meta(runner.checkpoint_dir(workdir, exp.stages[0]))["step"] == 3
+  assert ckpt_lib.read_meta(layout.checkpoint_dir(workdir, exp.stages[0]))["step"] == 3
 
   got, want = losses(workdir, exp), losses(reference, exp)
   assert sorted(got) == [1, 2, 3] and sorted(want) == list(range(1, STEPS + 1))

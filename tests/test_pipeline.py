@@ -4,11 +4,14 @@ import json
 import logging
 import re
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from mm15_jax.config import DataConfig, SplitConfig
+from mm15_jax import sharding
+from mm15_jax.config import DataConfig, MeshConfig, SplitConfig, StageConfig
+from mm15_jax.data import batch as batch_lib
 from mm15_jax.data import images, mixture, pipeline, samples
 from fixtures import corpus_dir  # noqa: F401 (fixture)
 
@@ -44,7 +47,7 @@ def ocr(i, name):
 
 
 def config(mixture_weights, **kw):
-  defaults = dict(seq_len=48, max_images=6, pack=True, split=SplitConfig(mode="none", tile_size=S))
+  defaults = dict(seq_len=48, max_images=6, pack=True, split=SplitConfig(mode="none"))
   return DataConfig(mixture=mixture_weights, **{**defaults, **kw})
 
 
@@ -56,23 +59,30 @@ def make(tok, cfg, sources, batch_size=4, **kw):
 def segments(batch, image_id):
   """(row, source_id, tokens, targets, loss_mask, positions, (tiles, extents or None)) of every packed sample."""
   out = []
-  for r in range(batch["tokens"].shape[0]):
+  for r in range(batch.tokens.shape[0]):
     first_image = 0
-    for seg in range(1, batch["segment_ids"][r].max() + 1):
-      at = batch["segment_ids"][r] == seg
-      toks = batch["tokens"][r, at]
+    for seg in range(1, batch.segment_ids[r].max() + 1):
+      at = batch.segment_ids[r] == seg
+      toks = batch.tokens[r, at]
       n_tiles = int((toks == image_id).sum()) // T
       slots = slice(first_image, first_image + n_tiles)
-      tiles = (batch["images"][r, slots], batch["image_extent"][r, slots] if "image_extent" in batch else None)
+      tiles = (batch.images[r, slots], batch.image_extent[r, slots] if batch.image_extent is not None else None)
       first_image += n_tiles
-      out.append((r, int(batch["source_ids"][r, at][0]), toks, batch["targets"][r, at], batch["loss_mask"][r, at],
-                  batch["positions"][r, at], tiles))
-    assert batch["image_mask"][r].sum() == first_image
+      out.append((r, int(batch.source_ids[r, at][0]), toks, batch.targets[r, at], batch.loss_mask[r, at],
+                  batch.positions[r, at], tiles))
+    assert batch.image_mask[r].sum() == first_image
   return out
 
 
 STAGE1 = {"caption": [caption(i) for i in range(60)], "interleaved": [interleaved(i) for i in range(60)],
           "text": [text(i) for i in range(60)]}
+
+
+def arrays(batch) -> dict[str, np.ndarray]:
+  """{field: array} of a Batch (absent ones left out), its stats as "stats/<name>"."""
+  out = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)
+         if f.name != "stats" and getattr(batch, f.name) is not None}
+  return {**out, **{f"stats/{k}": v for k, v in batch.stats.items()}}
 
 
 def test_batch_contract(tok):
@@ -82,17 +92,29 @@ def test_batch_contract(tok):
               "segment_ids": ((4, 48), np.int32), "positions": ((4, 48), np.int32),
               "images": ((4, 6, S, S, 3), np.uint8), "image_mask": ((4, 6), np.bool_),
               "image_extent": ((4, 6, 4), np.int32), "source_ids": ((4, 48), np.int32),
-              "stat_bad_records": ((4,), np.int32), "stat_samples": ((4,), np.int32)}
-  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+              "stats/bad_records": ((4,), np.int32), "stats/samples": ((4,), np.int32)}
+  assert {k: (v.shape, v.dtype) for k, v in arrays(batch).items()} == expected
   # Tiles resized on the host: finished tiles, no extents.
-  host = config(mixture.stage1_mixture(), split=SplitConfig(mode="none", tile_size=S, enlarge_on_device=False))
+  host = config(mixture.stage1_mixture(), split=SplitConfig(mode="none", enlarge_on_device=False))
   host_batch = next(make(tok, host, STAGE1))
-  assert {k: (v.shape, v.dtype) for k, v in host_batch.items()} == {
+  assert {k: (v.shape, v.dtype) for k, v in arrays(host_batch).items()} == {
       k: v for k, v in expected.items() if k != "image_extent"}
-  pad = batch["segment_ids"] == 0
-  assert (batch["source_ids"][pad] == -1).all() and (batch["loss_mask"][pad] == 0).all()
-  assert (batch["tokens"][pad] == tok.pad_id).all() and (batch["source_ids"][~pad] >= 0).all()
-  assert (batch["stat_samples"] > 1).any()  # packed
+  pad = batch.segment_ids == 0
+  assert (batch.source_ids[pad] == -1).all() and (batch.loss_mask[pad] == 0).all()
+  assert (batch.tokens[pad] == tok.pad_id).all() and (batch.source_ids[~pad] >= 0).all()
+  assert (batch.stats["samples"] > 1).any()  # packed
+
+
+def test_batch_spec_is_the_pipelines_global_batch(tok):
+  """batch_spec (what AOT compiles against) has the pipeline's fields, shapes and dtypes, with or without extents."""
+  mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+  for enlarge in (True, False):
+    cfg = config(mixture.stage1_mixture(), split=SplitConfig(mode="none", enlarge_on_device=enlarge))
+    got = next(make(tok, cfg, STAGE1)).without_stats()
+    spec = batch_lib.batch_spec(StageConfig(batch_size=4, image_size=S, data=cfg), mesh)
+    assert {k: (v.shape, np.dtype(v.dtype)) for k, v in arrays(spec).items()} == {
+        k: (v.shape, v.dtype) for k, v in arrays(got).items()}
+    assert jax.tree.structure(spec) == jax.tree.structure(got)  # the step sees the same pytree
 
 
 def test_packed_segments_decode_back_to_their_samples(tok):
@@ -169,7 +191,7 @@ def test_stage2_equal_sources_in_every_batch(tok, pack):
   names = list(mixture.STAGE2_SOURCES)
   sources = {n: [ocr(i, n) for i in range(30)] for n in names}
   cfg = config(mixture.stage2_mixture(), equal_sources=True, pack=pack, seq_len=96, max_images=15,
-               split=SplitConfig(mode="static", static_grid=2, tile_size=S))
+               split=SplitConfig(mode="static", static_grid=2))
   it = make(tok, cfg, sources, batch_size=8)
   for _ in range(5):
     batch = next(it)
@@ -181,6 +203,7 @@ def test_stage2_equal_sources_in_every_batch(tok, pack):
 
 
 def assert_batches_equal(a, b):
+  a, b = arrays(a), arrays(b)
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -200,7 +223,7 @@ def test_resume_gives_identical_batches(tok):
     assert_batches_equal(a, b)
   first = next(make(tok, cfg, STAGE1, seed=5))
   assert_batches_equal(first, next(make(tok, cfg, STAGE1, seed=5)))
-  assert not np.array_equal(first["tokens"], next(make(tok, cfg, STAGE1, seed=6))["tokens"])
+  assert not np.array_equal(first.tokens, next(make(tok, cfg, STAGE1, seed=6)).tokens)
 
 
 def test_hosts_shard_each_source_before_mixing(tok):
@@ -256,10 +279,10 @@ def test_bad_records_are_skipped_counted_and_named(tok, kind, caplog):
   with caplog.at_level(logging.WARNING):
     batches = [next(it) for _ in range(12)]  # 120 samples: two epochs of the caption source
   warnings = [r.getMessage() for r in caplog.records if "caption[5]" in r.getMessage()]
-  stat = sum(int(b["stat_bad_records"].sum()) for b in batches)
+  stat = sum(int(b.stats["bad_records"].sum()) for b in batches)
   assert stat == len(warnings) == it.bad_records[0] >= 2
   assert all("skipping bad record caption[5]" in w for w in warnings)
-  assert all(b["stat_samples"].sum() == 10 for b in batches)  # replaced, not dropped
+  assert all(b.stats["samples"].sum() == 10 for b in batches)  # replaced, not dropped
 
 
 def test_bad_fraction_limit_raises(tok):
@@ -284,9 +307,9 @@ def test_missing_source_and_bad_weights(tok):
 
 
 @pytest.mark.parametrize("split, message", [
-    (SplitConfig(mode="anyres", tile_size=S), r"data.split.mode must be .* got 'anyres'"),
-    (SplitConfig(mode="none", tile_size=S, resample="lanczos"), r"data.split.resample must be .* got 'lanczos'"),
-    (SplitConfig(mode="dynamic", tile_size=S, n_min=5, n_max=4), r"data.split: need 1 <= n_min <= n_max"),
+    (SplitConfig(mode="anyres"), r"data.split.mode must be .* got 'anyres'"),
+    (SplitConfig(mode="none", resample="lanczos"), r"data.split.resample must be .* got 'lanczos'"),
+    (SplitConfig(mode="dynamic", n_min=5, n_max=4), r"data.split: need 1 <= n_min <= n_max"),
 ])
 def test_bad_split_config_fails_before_reading(tok, split, message):
   # At construction, naming the key: not as every record failing the same way.
@@ -368,11 +391,11 @@ def test_sft_packing_efficiency_when_tokens_bind(corpus_dir, seq_len, least):
   emitted, real, slots, drawn_before = np.zeros(len(names), np.int64), 0, 0, 0
   for _ in range(20):
     batch = next(it)
-    real += int((batch["segment_ids"] != 0).sum())
-    slots += batch["segment_ids"].size
-    for r in range(batch["tokens"].shape[0]):
-      for seg in range(1, batch["segment_ids"][r].max() + 1):
-        emitted[batch["source_ids"][r, batch["segment_ids"][r] == seg][0]] += 1
+    real += int((batch.segment_ids != 0).sum())
+    slots += batch.segment_ids.size
+    for r in range(batch.tokens.shape[0]):
+      for seg in range(1, batch.segment_ids[r].max() + 1):
+        emitted[batch.source_ids[r, batch.segment_ids[r] == seg][0]] += 1
     state = it.get_state()
     oldest = min(state["waiting"])  # a unit pending too long is placed first in the next batch
     assert state["next_unit"] - oldest <= pipeline.MAX_WAIT + state["next_unit"] - drawn_before
@@ -393,8 +416,8 @@ def test_image_slot_limit_that_binds_first_is_reported(corpus_dir, monkeypatch, 
     batches = [next(it) for _ in range(10)]
   stats = it.packing_stats
   assert stats["image_bound_rows"] > 0.25 and stats["token_efficiency"] < 0.9
-  assert stats["image_slot_efficiency"] == (sum(int(b["image_mask"].sum()) for b in batches)
-                                            / sum(b["image_mask"].size for b in batches))
+  assert stats["image_slot_efficiency"] == (sum(int(b.image_mask.sum()) for b in batches)
+                                            / sum(b.image_mask.size for b in batches))
   warnings = [r.getMessage() for r in caplog.records if "image-slot limit" in r.getMessage()]
   assert len(warnings) == 1  # once per run
   assert "data.max_images=20" in warnings[0] and "data.max_images >= 32 lets tokens bind" in warnings[0]

@@ -23,14 +23,14 @@ def test_stage2_ocr(stages):
   assert (s.steps, s.batch_size, s.image_size, s.init_from) == (30_000, 256, 672, "previous")
   assert s.data.equal_sources and sorted(s.data.mixture) == sorted(mixture.STAGE2_SOURCES)
   split = s.data.split
-  assert (split.mode, split.tile_size, split.static_grid, split.overview) == ("static", 672, 2, True)
+  assert (split.mode, split.static_grid, split.overview) == ("static", 2, True)
 
 
 def test_stage3_sft(stages):
   s = stages["sft"]
   assert (s.batch_size, s.image_size, s.init_from, s.epochs) == (256, 672, "previous", 1.0)  # "SFT for one epoch"
   split = s.data.split
-  assert (split.mode, split.tile_size, split.n_min, split.n_max) == ("dynamic", 672, 4, 9)
+  assert (split.mode, split.n_min, split.n_max) == ("dynamic", 4, 9)
   shares = {mixture.SFT_SOURCE_CATEGORIES[src]: w for src, w in s.data.mixture.items()}
   want = {"text_rich": .372, "refer_ground": .225, "general": .113, "math": .056, "code": .023, "science": .011,
           "multi_image": .1, "text_only": .1}

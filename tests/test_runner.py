@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from fixtures import compilation_cache, corpus_dir, flat, tiny_experiment, with_stage  # noqa: F401 (fixtures)
-from mm15_jax import sharding
+from mm15_jax import layout, sharding
 from mm15_jax.data.tokenizer import Tokenizer
 from mm15_jax.models import vit
 from mm15_jax.train import checkpoint as ckpt_lib
 from mm15_jax.train import runner
+from mm15_jax.train import stage as stage_lib
 from mm15_jax.train import state as state_lib
-from mm15_jax.train.metrics import MetricsWriter
+from mm15_jax.train.logs import MetricsWriter
 
 N = 2  # the resume test stops after N of 2N steps
 
@@ -32,7 +33,7 @@ def quiet(*_):
 def losses(workdir, exp, index=0) -> dict[int, float]:
   """{step: loss} from the stage's metrics.jsonl (log_every=1); a step logged twice must agree."""
   out = {}
-  with open(os.path.join(runner.stage_dir(workdir, exp.stages[index]), "metrics.jsonl")) as f:
+  with open(os.path.join(layout.stage_dir(workdir, exp.stages[index]), "metrics.jsonl")) as f:
     for line in f:
       record = json.loads(line)
       assert out.setdefault(record["step"], record["loss"]) == record["loss"]
@@ -41,7 +42,7 @@ def losses(workdir, exp, index=0) -> dict[int, float]:
 
 def final_params(workdir, exp, index=0) -> dict[str, np.ndarray]:
   mesh = sharding.make_mesh(exp.mesh)
-  _, _, params, _ = state_lib.restore_model_params(runner.checkpoint_dir(workdir, exp.stages[index]), mesh)
+  _, _, params, _ = state_lib.restore_model_params(layout.checkpoint_dir(workdir, exp.stages[index]), mesh)
   return flat(params)
 
 
@@ -70,8 +71,8 @@ def test_straight_run(straight, exp):
   assert sorted(got) == list(range(1, 2 * N + 1))
   assert all(np.isfinite(v) for v in got.values())
   assert summary["loss_first"] == got[1] and summary["loss_last"] == got[2 * N]
-  assert ckpt_lib.Checkpointer(runner.checkpoint_dir(workdir, exp.stages[0]), keep=1).latest_step() == 2 * N
-  with open(os.path.join(runner.stage_dir(workdir, exp.stages[0]), "metrics.jsonl")) as f:
+  assert ckpt_lib.Checkpointer(layout.checkpoint_dir(workdir, exp.stages[0]), keep=1).latest_step() == 2 * N
+  with open(os.path.join(layout.stage_dir(workdir, exp.stages[0]), "metrics.jsonl")) as f:
     first = json.loads(f.readline())
   assert first["loss_tokens"] > 0 and first["nonfinite"] == 0
   assert {"loss/caption", "loss/text"} <= first.keys()  # per-source losses of the stage's mixture
@@ -94,7 +95,7 @@ def test_resume_equals_straight_run(straight, exp, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
       runner.run_stage(exp, 0, workdir, log=quiet)
   assert exit_info.value.code == 143
-  assert ckpt_lib.read_meta(runner.checkpoint_dir(workdir, exp.stages[0]))["step"] == N
+  assert ckpt_lib.read_meta(layout.checkpoint_dir(workdir, exp.stages[0]))["step"] == N
   assert sorted(losses(workdir, exp)) == list(range(1, N + 1))
 
   log = []
@@ -115,7 +116,7 @@ def test_stage_transition_resizes_position_embeddings(straight, exp):
   workdir, _ = straight
   ocr = exp.stages[1]
   assert ocr.init_from == "previous" and ocr.image_size == 2 * exp.stages[0].image_size
-  model_cfg = runner.stage_model_config(exp.model, ocr, Tokenizer(ocr.data.tokenizer).vocab_size)
+  model_cfg = stage_lib.stage_model_config(exp.model, ocr, Tokenizer(ocr.data.tokenizer).vocab_size)
   mesh = sharding.make_mesh(exp.mesh)
   _, params, _ = runner.initial_params(exp, 1, workdir, model_cfg, mesh, quiet)
   stage1, stage2 = final_params(workdir, exp), flat(params)
@@ -134,7 +135,7 @@ def test_stage_transition_resizes_position_embeddings(straight, exp):
   for k in stage1.keys() - resized.keys():
     np.testing.assert_array_equal(stage2[k], stage1[k], err_msg=k)
   # The parameters land on this stage's shardings.
-  want_shardings = state_lib.param_shardings(params, mesh)
+  want_shardings = sharding.param_shardings(params, mesh)
   assert jax.tree.map(lambda x: x.sharding, params) == want_shardings
 
 
@@ -144,13 +145,13 @@ SIGTERM_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from fixtures import tiny_experiment
-    from mm15_jax.train import distributed, metrics, runner
+    from mm15_jax.train import distributed, logs, runner
 
     received = []
     handle = distributed.Preemption._handle
     distributed.Preemption._handle = lambda self, *a: (received.append(1), handle(self, *a))
 
-    class WaitAfterFirstStep(metrics.MetricsWriter):
+    class WaitAfterFirstStep(logs.MetricsWriter):
       def write(self, step, scalars):
         super().write(step, scalars)
         deadline = time.monotonic() + 60
@@ -170,7 +171,7 @@ def test_sigterm_saves_and_exits_143_then_resumes(straight, exp, corpus_dir, com
   # The same compilation cache: the child runs the very programs this process compiled for `straight`.
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=compilation_cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  metrics = os.path.join(runner.stage_dir(workdir, exp.stages[0]), "metrics.jsonl")
+  metrics = os.path.join(layout.stage_dir(workdir, exp.stages[0]), "metrics.jsonl")
   with open(tmp_path / "out.log", "w") as out:
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -187,7 +188,7 @@ def test_sigterm_saves_and_exits_143_then_resumes(straight, exp, corpus_dir, com
   output = (tmp_path / "out.log").read_text()
   assert code == 143, output
   assert "SIGTERM: saved step 1, exiting" in output, output
-  assert ckpt_lib.read_meta(runner.checkpoint_dir(workdir, exp.stages[0]))["step"] == 1
+  assert ckpt_lib.read_meta(layout.checkpoint_dir(workdir, exp.stages[0]))["step"] == 1
   assert sorted(losses(workdir, exp)) == [1]
 
   log = []
@@ -212,4 +213,4 @@ def test_nonfinite_steps_raise_naming_the_config_key(straight, exp, tmp_path, mo
     runner.run_stage(exp, 0, str(tmp_path), log=quiet)
   records = [json.loads(line) for line in open(os.path.join(tmp_path, "pretrain", "metrics.jsonl"))]
   assert [r["step"] for r in records] == [1] and records[0]["nonfinite"] == 1  # raised at the 2nd bad step
-  assert ckpt_lib.Checkpointer(runner.checkpoint_dir(str(tmp_path), exp.stages[0]), keep=1).latest_step() is None
+  assert ckpt_lib.Checkpointer(layout.checkpoint_dir(str(tmp_path), exp.stages[0]), keep=1).latest_step() is None

@@ -257,7 +257,7 @@ def test_selection(data_dir):
 
 
 def test_eval_spec_n_max():
-  cfg = DataConfig(split=SplitConfig(mode="dynamic", tile_size=16, n_min=4, n_max=9), seq_len=64, max_images=20)
+  cfg = DataConfig(split=SplitConfig(mode="dynamic", n_min=4, n_max=9), seq_len=64, max_images=20)
   spec = run.eval_spec(cfg, tile_size=16, tokens_per_tile=4, n_max=16)
   assert spec.max_images == 2 * 17  # two split images of up to 16 tiles + overview each
   assert run.eval_spec(cfg, tile_size=16, tokens_per_tile=4).max_images == 20
@@ -280,7 +280,7 @@ def test_evaluate_params_tiny_model(data_dir, tmp_path):
   tok = tokenizer_lib.Tokenizer(tokenizer_lib.train_sentencepiece(texts, str(tmp_path / "tok.model"),
                                                                   vocab_size=300))
   model = MultimodalModel(tiny_model(vocab_size=tok.vocab_size), rngs=nnx.Rngs(0))
-  data_cfg = DataConfig(split=SplitConfig(mode="dynamic", tile_size=IMAGE_SIZE, n_min=1, n_max=2), seq_len=160,
+  data_cfg = DataConfig(split=SplitConfig(mode="dynamic", n_min=1, n_max=2), seq_len=160,
                         max_images=6)
   write_image(tmp_path / "a.png", size=(40, 24))
   write_jsonl(tmp_path / "pick.jsonl", [

@@ -13,6 +13,7 @@ from flax import nnx
 from fixtures import FAST_COMPILE, compilation_cache, flat, mesh_of, synthetic_batch, tiny_model  # noqa: F401 (fixture)
 from mm15_jax import sharding
 from mm15_jax.config import MeshConfig, StageConfig
+from mm15_jax.models.multimodal import MultimodalModel
 from mm15_jax.train import optim
 from mm15_jax.train import state as state_lib
 from mm15_jax.train import step as step_lib
@@ -59,6 +60,11 @@ def _loss_case(seed, b=3, t=18, v=13, d=8):
   return x, w, targets, keys[3]
 
 
+def weighted_ce(*args, **kwargs):
+  """The fused loss with the model's LM head, as the train step calls it."""
+  return step_lib.loss_lib.weighted_cross_entropy(*args, head=MultimodalModel.head_logits, **kwargs)
+
+
 def test_weighted_cross_entropy_equals_autodiff_of_the_logits_values_and_gradients():
   x, w, targets, key = _loss_case(0)
   weights = jax.random.uniform(key, targets.shape) * jax.random.bernoulli(key, 0.4, targets.shape)
@@ -71,7 +77,7 @@ def test_weighted_cross_entropy_equals_autodiff_of_the_logits_values_and_gradien
   want_loss, want_ce = reference(x, w)
   want_grads = jax.grad(lambda x, w: reference(x, w)[0], (0, 1))(x, w)
   for chunk in (0, 4, 5, 18, 64):  # 18 / 4 leaves a short last chunk; 0, 18 and 64: one chunk
-    fused = lambda x, w: step_lib.loss_lib.weighted_cross_entropy(x, w, targets, weights, chunk=chunk)
+    fused = lambda x, w: weighted_ce(x, w, targets, weights, chunk=chunk)
     loss, ce = fused(x, w)
     np.testing.assert_allclose(3.0 * loss, want_loss, rtol=1e-5)
     np.testing.assert_allclose(ce, want_ce, rtol=1e-5, atol=1e-6)
@@ -85,7 +91,7 @@ def test_weighted_cross_entropy_keeps_the_compute_dtype():
   x, w, targets, key = _loss_case(2)
   weights = jax.random.bernoulli(key, 0.5, targets.shape).astype(jnp.float32)
   x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-  dx, dw = jax.grad(lambda x, w: step_lib.loss_lib.weighted_cross_entropy(x, w, targets, weights, chunk=4)[0],
+  dx, dw = jax.grad(lambda x, w: weighted_ce(x, w, targets, weights, chunk=4)[0],
                     (0, 1))(x16, w16)
   assert dx.dtype == dw.dtype == jnp.bfloat16
   want = jax.grad(lambda x, w: (step_lib.loss_lib.cross_entropy(x @ w, targets) * weights).sum(), (0, 1))(
@@ -100,7 +106,7 @@ def test_weighted_cross_entropy_never_applies_the_head_to_chunks_without_loss():
   counted = jnp.zeros(targets.shape, bool).at[0, 3:11].set(True).at[1, ::2].set(True)  # 8 each: two full chunks
   weights = counted.astype(jnp.float32)
   nan_x = jnp.where(counted[..., None], x, jnp.nan)
-  fused = lambda chunk: lambda x, w: step_lib.loss_lib.weighted_cross_entropy(x, w, targets, weights, chunk=chunk)[0]
+  fused = lambda chunk: lambda x, w: weighted_ce(x, w, targets, weights, chunk=chunk)[0]
   for chunk, finite in ((4, True), (8, True), (16, False)):
     loss = fused(chunk)(nan_x, w)
     dx, dw = jax.grad(fused(chunk), (0, 1))(nan_x, w)
@@ -132,7 +138,7 @@ class Setup:
 
   def step(self, state, batch):
     with sharding.use_mesh(self.mesh):
-      return jax.device_get(self._step(state, state_lib.global_batch(batch, self.mesh)))
+      return jax.device_get(self._step(state, sharding.global_batch(batch, self.mesh)))
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +154,8 @@ def batch():
 def test_loss_masks_and_per_source_sums(single, batch):
   def forward(params, b):
     model = nnx.merge(single.graphdef, params, single.rest)
-    logits, _ = model(*(b[k] for k in step_lib.MODEL_INPUTS), image_token_id=IMAGE_TOKEN_ID)
+    logits, _ = model(b.tokens, b.images, b.image_mask, b.segment_ids, b.positions,
+                      image_token_id=IMAGE_TOKEN_ID)
     loss, metrics = step_lib.loss_and_metrics(model, b, model_cfg=MODEL, image_token_id=IMAGE_TOKEN_ID,
                                               num_sources=NUM_SOURCES)
     return logits, loss, metrics
@@ -158,13 +165,13 @@ def test_loss_masks_and_per_source_sums(single, batch):
     logits, loss, m = jax.device_get(forward(single.state.params, batch))
 
   # Reference from the logits: masked mean of -log p(target) and per-source sums, in float64.
-  ce_BT = -np.take_along_axis(log_softmax_np(logits), batch["targets"][..., None], -1)[..., 0]
-  mask = batch["loss_mask"].astype(bool)
-  assert 0 < mask.sum() < (batch["segment_ids"] > 0).sum()  # some real tokens are masked
+  ce_BT = -np.take_along_axis(log_softmax_np(logits), batch.targets[..., None], -1)[..., 0]
+  mask = batch.loss_mask.astype(bool)
+  assert 0 < mask.sum() < (batch.segment_ids > 0).sum()  # some real tokens are masked
   np.testing.assert_allclose(m["ce"], ce_BT[mask].mean(), rtol=1e-5)
   assert m["loss_tokens"] == mask.sum()
   for s in range(NUM_SOURCES):
-    where = mask & (batch["source_ids"] == s)
+    where = mask & (batch.source_ids == s)
     assert where.any()
     np.testing.assert_allclose(m["source_ce_sum"][s], ce_BT[where].sum(), rtol=1e-5)
     assert m["source_tokens"][s] == where.sum()
@@ -176,14 +183,16 @@ def test_loss_masks_and_per_source_sums(single, batch):
       rtol=1e-6)
 
   # Targets of masked positions (prompt, placeholders, padding) do not enter the loss at all.
-  changed = dict(batch, targets=np.where(mask, batch["targets"], (batch["targets"] + 7) % 256).astype(np.int32))
-  assert (changed["targets"] != batch["targets"]).sum() == (~mask).sum()
+  changed = dataclasses.replace(
+      batch, targets=np.where(mask, batch.targets, (batch.targets + 7) % 256).astype(np.int32))
+  assert (changed.targets != batch.targets).sum() == (~mask).sum()
   with sharding.use_mesh(single.mesh):
     _, loss2, m2 = jax.device_get(forward(single.state.params, changed))
   assert loss2 == loss and m2["ce"] == m["ce"]
   np.testing.assert_array_equal(m2["source_ce_sum"], m["source_ce_sum"])
   # ... while a trained target does.
-  flipped = dict(batch, targets=np.where(mask, (batch["targets"] + 7) % 256, batch["targets"]).astype(np.int32))
+  flipped = dataclasses.replace(
+      batch, targets=np.where(mask, (batch.targets + 7) % 256, batch.targets).astype(np.int32))
   with sharding.use_mesh(single.mesh):
     _, loss3, _ = jax.device_get(forward(single.state.params, flipped))
   assert loss3 != loss
@@ -207,7 +216,7 @@ def assert_same_updates(before: dict, after_a: dict, after_b: dict):
 def test_grad_accumulation_equals_one_batch(single, batch):
   accum = Setup(single.mesh, grad_accum=2, like=single)
   # Micro-batches with different token counts: the token weighting matters.
-  counts = batch["loss_mask"].reshape(2, 4, -1).sum((1, 2))
+  counts = batch.loss_mask.reshape(2, 4, -1).sum((1, 2))
   assert counts[0] != counts[1]
   s1, m1 = single.step(single.state, batch)
   s2, m2 = accum.step(accum.state, batch)

@@ -42,7 +42,7 @@ def video_record(images, form="frames", timestamps=None, question="What changed?
 
 
 def spec(frames=24, timestamps=True, max_images=32, seq_len=512, mode="dynamic"):
-  split = SplitConfig(mode=mode, tile_size=S, n_min=2, n_max=4)
+  split = SplitConfig(mode=mode, n_min=2, n_max=4)
   return samples.SampleSpec(split=split, tile_size=S, tokens_per_tile=T, seq_len=seq_len, max_images=max_images,
                             max_pixels=10**6, video_frames=frames, video_timestamps=timestamps)
 
@@ -156,7 +156,7 @@ def test_corrupt_video_is_a_skipped_counted_named_bad_record(tok, clip, caplog):
   good = [video_record([clip], form="file", answer=f"answer {i}") for i in range(6)]
   good[2] = video_record([clip[:200]], form="file")
   cfg = DataConfig(mixture={"video_qa": 1.0}, seq_len=96, max_images=4, pack=False, max_bad_fraction=1.0,
-                   split=SplitConfig(mode="none", tile_size=S), video=VideoConfig(frames=3))
+                   split=SplitConfig(mode="none"), video=VideoConfig(frames=3))
   it = pipeline.make_pipeline(cfg, sources={"video_qa": good}, tokenizer=tok, tokens_per_tile=T, tile_size=S,
                               batch_size=3, read_threads=0)
   with caplog.at_level(logging.WARNING):

@@ -70,7 +70,7 @@ def test_llava_video_converter_stores_sampled_frames(llava_video, tok):
   recs = list(records.open_source(str(root / "data"), "video_frames", "train"))
   assert recs[0]["video"] == {"form": "frames", "timestamps": [0.5, 1.5]}  # frames 1 and 3 of 5 at 2 fps
   assert recs[1]["video"]["timestamps"] == [0.0, 1.0]
-  spec = samples.SampleSpec(split=SplitConfig(mode="none", tile_size=8), tile_size=8, tokens_per_tile=2,
+  spec = samples.SampleSpec(split=SplitConfig(mode="none"), tile_size=8, tokens_per_tile=2,
                             seq_len=256, max_images=4, max_pixels=10**6, video_frames=24)
   sample = samples.make_sample(recs[0], tok, spec)
   assert sample.n_tiles == 2 and [round(float(t[:5].mean())) for t in sample.tiles] == pytest.approx([50, 90], abs=4)
@@ -165,7 +165,7 @@ def test_video_configs_follow_the_recipe_and_fit_their_rows(tok):
       256, 1e-5, 0.01, 0.0, 1.0)
   assert (stage.init_from, stage.image_size, stage.data.split.mode, stage.data.video.frames) == (
       "ckpt/sft", 378, "none", 24)
-  tokens_per_tile = exp.model.connector.pooled_side ** 2
+  tokens_per_tile = exp.model.tokens_per_tile
   assert tokens_per_tile == 144 and stage.data.max_images >= 24
   frames = [video.encode_frames([np.zeros((8, 8, 3), np.uint8)] * 48, fps=24)]
   record = {"kind": "sft", "source": "v", "images": frames, "video": {"form": "file"},
@@ -181,7 +181,7 @@ def test_video_configs_follow_the_recipe_and_fit_their_rows(tok):
       "runs/x/sft/checkpoints", {"video_qa": 1.0}, 8)
   clip = next(synth.generate("video_qa", "train", 1, seed=0))
   tiny_spec = samples.SampleSpec.from_config(tiny_stage.data, tile_size=tiny_stage.image_size,
-                                             tokens_per_tile=tiny_exp.model.connector.pooled_side ** 2)
+                                             tokens_per_tile=tiny_exp.model.tokens_per_tile)
   sample = samples.make_sample(clip, tok, tiny_spec)
   assert sample.n_tiles == 8 and len(sample.ids) <= tiny_stage.data.seq_len + 1
   assert tiny_stage.data.max_images == 2 * sample.n_tiles  # room for two clips per packed row

@@ -244,8 +244,8 @@ def command(a) -> None:
   connector = ConnectorConfig(hidden=a.connector_hidden, depth=a.connector_depth, pooled_side=a.pooled_side)
   base = None
   if a.model:
-    from mm15_jax.configs import models
-    base = models.get(a.model)
+    from mm15_jax.configs import presets
+    base = presets.get(a.model)
   cfg = convert(a.vision, a.decoder, a.out, connector=connector, vocab_size=a.vocab_size, tokenizer=a.tokenizer,
                 upcycle=upcycle, feature_layer=a.feature_layer, mesh=mesh, seed=a.seed, base=base)
   from mm15_jax.models.count import count

@@ -1,1 +1,1 @@
-"""Data: synthetic corpus, storage, image splitting, tokenisation, Grain pipelines."""
+"""Data: synthetic corpus, storage, image splitting, tokenisation, Grain pipelines, the training batch."""

@@ -270,10 +270,11 @@ def check_split_config(cfg: SplitConfig) -> None:
     candidate_grids(cfg.n_min, cfg.n_max)  # raises on an empty range
 
 
-def split_image(image: np.ndarray, cfg: SplitConfig, *, tile_size: int | None = None,
-                n_max: int | None = None, allow_split: bool = True) -> SplitImage:
-  """One decoded image -> its tiles. `n_max` overrides cfg.n_max (inference may use more tiles)."""
-  tile = tile_size or cfg.tile_size
+def split_image(image: np.ndarray, cfg: SplitConfig, *, tile_size: int, n_max: int | None = None,
+                allow_split: bool = True) -> SplitImage:
+  """One decoded image -> its tiles of `tile_size` pixels. `n_max` overrides cfg.n_max (inference may use more
+  tiles)."""
+  tile = tile_size
   check_split_config(cfg)
   h, w = image.shape[:2]
   if cfg.mode == "none" or not allow_split:
@@ -286,7 +287,7 @@ def split_image(image: np.ndarray, cfg: SplitConfig, *, tile_size: int | None = 
   return SplitImage(grid, cfg.overview, tile, image, block, cfg.resample, cfg.overview_first)
 
 
-def split_images(images: Sequence[np.ndarray], cfg: SplitConfig, *, tile_size: int | None = None,
+def split_images(images: Sequence[np.ndarray], cfg: SplitConfig, *, tile_size: int,
                  n_max: int | None = None) -> list[SplitImage]:
   """All images of one sample: split only when the sample has at most cfg.max_images_to_split images."""
   allow_split = len(images) <= cfg.max_images_to_split

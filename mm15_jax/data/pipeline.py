@@ -32,6 +32,7 @@ from mm15_jax.config import DataConfig
 from mm15_jax.data import images as images_lib
 from mm15_jax.data import mixture as mixture_lib
 from mm15_jax.data import samples as samples_lib
+from mm15_jax.data.batch import Batch
 from mm15_jax.data.tokenizer import Tokenizer
 
 MIN_RECORDS_FOR_BAD_FRACTION = 100  # the bad-record limit applies after this many records
@@ -222,10 +223,11 @@ class _Rows:
     self.used_tokens[r] += length
     self.used_images[r] += n_tiles
 
-  def batch(self) -> dict[str, np.ndarray]:
-    keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "images", "image_mask", "image_extent",
-            "source_ids", "stat_bad_records", "stat_samples")
-    return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+  def batch(self) -> Batch:
+    return Batch(tokens=self.tokens, targets=self.targets, loss_mask=self.loss_mask, segment_ids=self.segment_ids,
+                 positions=self.positions, images=self.images, image_mask=self.image_mask,
+                 source_ids=self.source_ids, image_extent=self.image_extent,
+                 stats={"bad_records": self.stat_bad_records, "samples": self.stat_samples})
 
 
 @dataclasses.dataclass
@@ -305,7 +307,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
     tiles = sum(sample.n_tiles for sample, _ in unit["samples"])
     return (1, -max(tokens / self._opt.seq_len, tiles / self._opt.max_images), u)
 
-  def __next__(self) -> dict[str, np.ndarray]:
+  def __next__(self) -> Batch:
     opt = self._opt
     rows = _Rows(opt.batch_size, opt.seq_len, opt.max_images, opt.tile_size, opt.pack, opt.pad_id,
                  opt.enlarge_on_device)
@@ -402,9 +404,6 @@ def make_dataset(data_cfg: DataConfig, *, sources: Mapping[str, Sequence[dict]],
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
   images_lib.check_split_config(data_cfg.split)
-  if data_cfg.split.tile_size != tile_size:
-    logging.info("data: tile size %d (stage image_size) overrides data.split.tile_size=%d", tile_size,
-                 data_cfg.split.tile_size)
   spec = samples_lib.SampleSpec.from_config(data_cfg, tile_size=tile_size, tokens_per_tile=tokens_per_tile)
   full_seed = int(np.random.SeedSequence([data_cfg.seed, seed]).generate_state(1)[0])
   sampler = _UnitSampler([data_cfg.mixture[n] for n in names], data_cfg.equal_sources, full_seed)
@@ -427,13 +426,13 @@ def make_dataset(data_cfg: DataConfig, *, sources: Mapping[str, Sequence[dict]],
 def make_pipeline(data_cfg: DataConfig, *, sources: Mapping[str, Sequence[dict]], tokenizer: Tokenizer,
                   tokens_per_tile: int, tile_size: int, batch_size: int, process_index: int = 0,
                   process_count: int = 1, seed: int = 0, read_threads: int = 2) -> _PackedBatchIterator:
-  """Checkpointable iterator of this host's batches (dicts of the training-batch contract).
+  """Checkpointable iterator of this host's batches (`Batch`es of numpy arrays).
 
   `sources`: source name -> random-access sequence of decoded records (all of them: each is sharded here by
-  process_index/process_count before mixing). `batch_size`: rows per batch on this host. `tile_size` (the stage's
-  image size) overrides data_cfg.split.tile_size. `read_threads`: Grain threads computing units ahead in this
-  process (0: each unit computed on demand, in the calling thread). State: `get_state()` / `set_state(state)`,
-  JSON-able; `packing_stats` reports token and image-slot efficiency.
+  process_index/process_count before mixing). `batch_size`: rows per batch on this host. `tile_size`: the stage's
+  image size. `read_threads`: Grain threads computing units ahead in this process (0: each unit computed on
+  demand, in the calling thread). State: `get_state()` / `set_state(state)`, JSON-able; `packing_stats` reports
+  token and image-slot efficiency.
   """
   ds = make_dataset(data_cfg, sources=sources, tokenizer=tokenizer, tokens_per_tile=tokens_per_tile,
                     tile_size=tile_size, batch_size=batch_size, process_index=process_index,
@@ -457,9 +456,8 @@ class ConcatenatedHosts:
   def __iter__(self):
     return self
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    batches = [next(it) for it in self.iterators]
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  def __next__(self) -> Batch:
+    return Batch.concatenate([next(it) for it in self.iterators])
 
   def get_state(self) -> bytes:
     return json.dumps([it.get_state() for it in self.iterators]).encode()

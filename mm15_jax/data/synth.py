@@ -129,7 +129,7 @@ def build_video_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: floa
   """Writes the video datasets into out_dir (after the image corpus, built first if out_dir has none) and records
   them under "video_datasets" in corpus.json; returns its content."""
   progress = progress or (lambda _: None)
-  out = epath.Path(out_dir)
+  out = paths.ensure_writable_dir(out_dir)
   if not (out / CORPUS_FILE).exists():
     build_corpus(out, seed=seed, scale=scale, progress=progress)
   summary = json.loads((out / CORPUS_FILE).read_text())

@@ -105,7 +105,7 @@ def ask(exp: Experiment, checkpoint: str, image_paths: list[str], prompt: str, *
   mesh = sharding.make_mesh(exp.mesh)
   model, model_cfg = eval_run.load_model(checkpoint, mesh, exp.seed)
   spec = eval_run.eval_spec(data_cfg, tile_size=stage_cfg.image_size,
-                            tokens_per_tile=model_cfg.connector.pooled_side ** 2, n_max=n_max)
+                            tokens_per_tile=model_cfg.tokens_per_tile, n_max=n_max)
   sample = samples_lib.encode_prompt(prompt_record(prompt, raws), tokenizer, spec, n_max=n_max, where="--prompt")
   n = max(sample.n_tiles, 1)
   images = np.zeros((1, n, spec.tile_size, spec.tile_size, 3), np.uint8)

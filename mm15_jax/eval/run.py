@@ -18,13 +18,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mm15_jax import paths, sharding
-from mm15_jax.config import DataConfig, Experiment
+from mm15_jax import layout, paths, sharding
+from mm15_jax.config import DataConfig, Experiment, ModelConfig, StageConfig
 from mm15_jax.data import records
 from mm15_jax.data import samples as samples_lib
 from mm15_jax.data.tokenizer import MAX_GRID_SIDE, Tokenizer
 from mm15_jax.eval import generate, metrics, report as report_lib, suites, summaries
-from mm15_jax.train import runner
 from mm15_jax.train import state as state_lib
 
 SHOWN_EXAMPLES = 5  # predictions kept per benchmark in the report
@@ -195,7 +194,7 @@ def evaluate_checkpoint(exp: Experiment, checkpoint: str, *, out_dir: str, stage
   tokenizer = Tokenizer(data_cfg.tokenizer)
   with sharding.use_mesh(mesh):
     result = evaluate_params(model, tokenizer, data_cfg, tile_size=stage_cfg.image_size,
-                             tokens_per_tile=model_cfg.connector.pooled_side ** 2, benchmarks=selected, n_max=n_max,
+                             tokens_per_tile=model_cfg.tokens_per_tile, benchmarks=selected, n_max=n_max,
                              max_examples=max_examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              predictions_path=paths.join(out_dir, "predictions.jsonl"), log=log)
   if jax.process_index() == 0:
@@ -206,8 +205,20 @@ def evaluate_checkpoint(exp: Experiment, checkpoint: str, *, out_dir: str, stage
 
 def evaluate_workdir(exp: Experiment, workdir: str, *, stage: int | str = -1, **kwargs) -> dict:
   """`evaluate_checkpoint` on the final checkpoint of a stage of `workdir` (default the last); writes workdir/eval/."""
-  checkpoint = runner.checkpoint_dir(workdir, _stage(exp, stage))
-  return evaluate_checkpoint(exp, checkpoint, out_dir=paths.join(workdir, "eval"), stage=stage, **kwargs)
+  checkpoint = layout.checkpoint_dir(workdir, _stage(exp, stage))
+  return evaluate_checkpoint(exp, checkpoint, out_dir=layout.eval_dir(workdir), stage=stage, **kwargs)
+
+
+def periodic_eval(model, tokenizer: Tokenizer, stage: StageConfig, model_cfg: ModelConfig, log) -> dict[str, float]:
+  """The held-out evaluation inside the training loop (runner.run_stage's `evaluate`) -> scalars
+  "eval/<benchmark>", "eval/<category>"."""
+  result = evaluate_params(
+      model, tokenizer, stage.data, tile_size=stage.image_size, tokens_per_tile=model_cfg.tokens_per_tile,
+      benchmarks=suites.select(stage.data.data_dir, stage.eval_benchmarks or None),
+      max_examples=stage.eval_max_examples, log=log)
+  scalars = {f"eval/{n}": b["score"] for n, b in result["benchmarks"].items()}
+  scalars.update({f"eval/{c}": v["score"] for c, v in result["categories"].items()})
+  return scalars
 
 
 def _stage(exp: Experiment, stage: int | str):

@@ -32,8 +32,8 @@ def count(cfg: ModelConfig) -> dict[str, dict[str, int]]:
 
 
 def print_counts(name: str) -> None:
-  from mm15_jax.configs import models
-  counts = count(models.get(name))
+  from mm15_jax.configs import presets
+  counts = count(presets.get(name))
   print(f"{name}: parameters (M)          total      active")
   for part, c in counts.items():
     print(f"  {part:<22} {c['total'] / 1e6:>10.1f} {c['active'] / 1e6:>11.1f}")

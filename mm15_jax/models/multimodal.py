@@ -7,18 +7,16 @@ tile). The data pipeline puts exactly K placeholders per real tile, so padded ti
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from mm15_jax import sharding
 from mm15_jax.config import ModelConfig
 from mm15_jax.data.images import PAD_RGB
 from mm15_jax.models.connector import CAbstractor
-from mm15_jax.models.decoder import Decoder, upcycle_from_dense
+from mm15_jax.models.decoder import Decoder, head_logits, upcycle_from_dense
 from mm15_jax.models.vit import VisionTransformer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -131,6 +129,16 @@ class MultimodalModel(nnx.Module):
     x_BTD, aux, _ = self.decoder.hidden(x_BTD, segment_ids, positions)
     return x_BTD, aux
 
+  def head_inputs(self, inputs, *, image_token_id: int):
+    """What a fused LM-head loss needs: (final-normed hidden states [B, T, D], the head [D, V] in the compute dtype,
+    aux). `inputs`: a data.batch.Batch (its model inputs are read). `head_logits(x, w)` maps any slice of the
+    states to logits exactly as `__call__` does."""
+    x_BTD, aux = self.hidden(inputs.tokens, inputs.images, inputs.image_mask, inputs.segment_ids, inputs.positions,
+                             image_token_id=image_token_id, image_extent=inputs.image_extent)
+    return self.decoder.final_norm(x_BTD), self.decoder.head_weight(), aux
+
+  head_logits = staticmethod(head_logits)
+
   def prefill(self, tokens, images, image_mask, segment_ids, positions, *, image_token_id: int, max_len: int,
               image_extent=None):
     """Right-padded prompts -> (logits [B, T, V], KV cache with room for max_len tokens)."""
@@ -145,31 +153,11 @@ class MultimodalModel(nnx.Module):
     return logits[:, 0], cache
 
 
-def param_shardings(abstract_state, mesh: Mesh):
-  """NamedShardings from the logical axis names of every variable in an (abstract) nnx.State; an axis that does not
-  divide over its mesh axes is an error naming the parameter and the mesh config keys."""
-
-  def one(path, spec, x):
-    mesh_spec = sharding.logical_to_spec(tuple(spec))
-    for size, logical, axes in zip(x.shape, tuple(spec), mesh_spec):
-      axes = (axes,) if isinstance(axes, str) else (axes or ())
-      ways = math.prod(mesh.shape[a] for a in axes)
-      if size % ways:
-        keys = ", ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
-        name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
-        raise ValueError(f"parameter {name}: axis {logical!r} of size {size} does not divide "
-                         f"over {keys}; choose mesh sizes that divide it")
-    return NamedSharding(mesh, mesh_spec)
-
-  return jax.tree_util.tree_map_with_path(one, nnx.get_partition_spec(abstract_state), abstract_state,
-                                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-
-
 def init_sharded(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> MultimodalModel:
   """Builds the model with every parameter created directly in its shards (no full copy on one device)."""
   abstract = nnx.eval_shape(lambda: MultimodalModel(cfg, rngs=nnx.Rngs(seed)))
   graphdef, abstract_state = nnx.split(abstract)
-  shardings = param_shardings(abstract_state, mesh)
+  shardings = sharding.param_shardings(abstract_state, mesh)
 
   def init():
     return nnx.state(MultimodalModel(cfg, rngs=nnx.Rngs(seed)))

@@ -1,1 +1,1 @@
-"""Training: train state, jitted step, optimiser, checkpoints, metrics, the stage runner."""
+"""Training: train state, stage builder, jitted step, optimiser, checkpoints, logs, the stage runner."""

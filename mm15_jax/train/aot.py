@@ -4,7 +4,7 @@
     mm15 aot --config tiny --topology cpu          # the local devices (CPU here)
     mm15 aot --config mm15 --arg size=3b --stage sft --topology v5p:4x4x4 --fit grad_accum   # first that fits
 
-The step, state shardings and batch shapes are exactly those of `mm15 train` (runner.make_train_step, the
+The step, state shardings and batch shapes are exactly those of `mm15 train` (stage.build_stage, the
 configured mesh, the stage's batch size, sequence length, image slots and tile size); nothing is allocated. TPU
 topologies need libtpu (`pip install 'jax[tpu]==<jax version>'`), which compiles for chips it is not attached to.
 """
@@ -19,17 +19,12 @@ import re
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mm15_jax import paths, sharding
 from mm15_jax import config as config_lib
 from mm15_jax.config import Experiment
-from mm15_jax.data import pipeline as pipeline_lib
-from mm15_jax.train import optim
-from mm15_jax.train import runner
-from mm15_jax.train import state as state_lib
-from mm15_jax.train.step import make_train_step
+from mm15_jax.train import stage as stage_lib
 
 GIB = 1 << 30
 # HBM per device as jax names the device kind (v4 and v5p compile as megacore: one device per chip).
@@ -108,20 +103,6 @@ def _vocab_and_image_id(exp: Experiment, index: int) -> tuple[int, int]:
   return vocab, vocab - 1
 
 
-def batch_specs(exp: Experiment, index: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global batch the step sees (the pipeline's arrays minus stat_*), sharded as state.global_batch does."""
-  stage = exp.stages[index]
-  b, t, n, s = stage.batch_size, stage.data.seq_len, stage.data.max_images, stage.image_size
-  shapes = {"tokens": ((b, t), jnp.int32), "targets": ((b, t), jnp.int32), "loss_mask": ((b, t), jnp.float32),
-            "segment_ids": ((b, t), jnp.int32), "positions": ((b, t), jnp.int32),
-            "images": ((b, n, s, s, 3), jnp.uint8), "image_mask": ((b, n), jnp.bool_),
-            "source_ids": ((b, t), jnp.int32)}
-  if stage.data.split.enlarge_on_device:
-    shapes["image_extent"] = ((b, n, 4), jnp.int32)
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=state_lib.batch_sharding(mesh, len(shape)))
-          for k, (shape, dtype) in shapes.items()}
-
-
 def per_device_bytes(tree) -> int:
   """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard, i.e. device 0's)."""
   total = 0
@@ -139,23 +120,16 @@ def compile_train_step(exp: Experiment, index: int, topology: str = "cpu", num_s
       raise ValueError(f"config key mesh.dcn_data={exp.mesh.dcn_data} but --num-slices {num_slices}")
     exp = dataclasses.replace(exp, mesh=dataclasses.replace(exp.mesh, dcn_data=num_slices))
   vocab, image_id = _vocab_and_image_id(exp, index)
-  model_cfg = runner.stage_model_config(exp.model, stage, vocab)
   mesh = sharding.make_mesh(exp.mesh, devices)
   if stage.batch_size % math.prod(mesh.shape[a] for a in sharding.BATCH_AXES):
     raise ValueError(f"config key stages.{stage.name}.batch_size={stage.batch_size} does not divide over the "
                      f"batch mesh axes {dict(mesh.shape)}")
 
-  graphdef, params, rest = state_lib.sharded_abstract_model(model_cfg, mesh, exp.seed)
-  tx = optim.make_optimizer(stage, params)
-  state = state_lib.abstract_train_state(params, tx, mesh)
-  batch = batch_specs(exp, index, mesh)
-  step_fn = make_train_step(graphdef, rest, tx, model_cfg=model_cfg, image_token_id=image_id,
-                            num_sources=len(pipeline_lib.source_names(stage.data)), grad_accum=stage.grad_accum)
-  shardings = state_lib.state_shardings(state)
+  built = stage_lib.build_stage(exp, index, mesh, vocab_size=vocab, image_token_id=image_id)
+  model_cfg, state, batch = built.model_cfg, built.state, built.batch_spec()
   with sharding.use_mesh(mesh):
-    jit_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
     start = time.perf_counter()
-    lowered = jit_step.lower(state, batch)
+    lowered = built.step.lower(state, batch)
     try:
       compiled, out_of_memory = lowered.compile(), ""
     except jax.errors.JaxRuntimeError as e:
@@ -177,7 +151,7 @@ def compile_train_step(exp: Experiment, index: int, topology: str = "cpu", num_s
   kind = devices[0].device_kind
   report = AotReport(
       topology=topology or "cpu", device_kind=kind, num_devices=len(devices), mesh=dict(mesh.shape),
-      stage=stage.name, batch_shapes={k: v.shape for k, v in batch.items()},
+      stage=stage.name, batch_shapes=batch.shapes(),
       params_bytes=per_device_bytes(state.params), opt_state_bytes=per_device_bytes(state.opt_state),
       batch_bytes=per_device_bytes(batch), temp_bytes=temp, code_bytes=code, total_bytes=total,
       hbm_bytes=HBM_BYTES.get(kind), flops=float("nan") if flops is None else float(flops),

@@ -31,10 +31,10 @@ def mixture_samples(mixture: Mapping[str, float], sources: Mapping[str, Sequence
 
 
 def samples_per_row(batches: Iterator[dict]) -> tuple[float, int]:
-  """(mean samples per packed row, rows seen) over `batches` (their "stat_samples" [B])."""
+  """(mean samples per packed row, rows seen) over `batches` (their stats["samples"] [B])."""
   samples = rows = 0
   for batch in batches:
-    per_row = np.asarray(batch["stat_samples"])
+    per_row = np.asarray(batch.stats["samples"])
     samples += int(per_row.sum())
     rows += per_row.size
   if not samples:

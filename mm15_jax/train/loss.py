@@ -13,8 +13,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mm15_jax.models.decoder import head_logits
-
 
 def cross_entropy(logits_BTV, targets_BT):
   """Per-token cross-entropy in float32."""
@@ -24,16 +22,18 @@ def cross_entropy(logits_BTV, targets_BT):
   return logz_BT - target_logit_BT
 
 
-def weighted_cross_entropy(x_BTD, w_DV, targets_BT, weights_BT, *, chunk: int = 0):
-  """(sum of weights * CE, per-token CE [B, T] float32, 0 where the weight is 0) of the logits `head_logits(x, w)`.
+def weighted_cross_entropy(x_BTD, w_DV, targets_BT, weights_BT, *, head, chunk: int = 0):
+  """(sum of weights * CE, per-token CE [B, T] float32, 0 where the weight is 0) of the logits `head(x, w)`.
 
-  Differentiable in x and w through the first output only: the per-token CE is for metrics (no gradient). chunk:
-  positions per head application (0: the whole length, one chunk)."""
-  loss, ce_BT = _weighted_cross_entropy(x_BTD, w_DV, targets_BT, weights_BT.astype(jnp.float32), chunk, w_DV.dtype)
+  Differentiable in x and w through the first output only: the per-token CE is for metrics (no gradient). head: the
+  model's (x_BCD, w_DV) -> logits [B, C, V] (MultimodalModel.head_logits). chunk: positions per head application
+  (0: the whole length, one chunk)."""
+  loss, ce_BT = _weighted_cross_entropy(x_BTD, w_DV, targets_BT, weights_BT.astype(jnp.float32), head, chunk,
+                                        w_DV.dtype)
   return loss, jax.lax.stop_gradient(ce_BT)
 
 
-def _loss_and_grads(x_BTD, w_DV, targets_BT, weights_BT, chunk: int):
+def _loss_and_grads(x_BTD, w_DV, targets_BT, weights_BT, head, chunk: int):
   """-> (loss, ce_BT, d loss / dx, d loss / dw), chunk by chunk over each row's weighted tokens first."""
   t = x_BTD.shape[1]
   chunk = min(chunk or t, t)
@@ -42,7 +42,7 @@ def _loss_and_grads(x_BTD, w_DV, targets_BT, weights_BT, chunk: int):
   targets_BT, weights_BT = (jnp.take_along_axis(a, order_BT, axis=1) for a in (targets_BT, weights_BT))
 
   def chunk_grads(dw_DV, x_BCD, targets_BC, weights_BC):
-    ce_BC, vjp = jax.vjp(lambda x, w: cross_entropy(head_logits(x, w), targets_BC), x_BCD, w_DV)
+    ce_BC, vjp = jax.vjp(lambda x, w: cross_entropy(head(x, w), targets_BC), x_BCD, w_DV)
     dx_BCD, dw = vjp(weights_BC)
     return dw_DV + dw.astype(jnp.float32), ce_BC, dx_BCD
 
@@ -64,19 +64,19 @@ def _loss_and_grads(x_BTD, w_DV, targets_BT, weights_BT, chunk: int):
   return loss, jnp.take_along_axis(ce_BT, inverse_BT, axis=1), dx_BTD, dw_DV
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _weighted_cross_entropy(x_BTD, w_DV, targets_BT, weights_BT, chunk, w_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _weighted_cross_entropy(x_BTD, w_DV, targets_BT, weights_BT, head, chunk, w_dtype):
   del w_dtype
-  return _loss_and_grads(x_BTD, w_DV, targets_BT, weights_BT, chunk)[:2]
+  return _loss_and_grads(x_BTD, w_DV, targets_BT, weights_BT, head, chunk)[:2]
 
 
-def _weighted_cross_entropy_fwd(x_BTD, w_DV, targets_BT, weights_BT, chunk, w_dtype):
-  loss, ce_BT, dx_BTD, dw_DV = _loss_and_grads(x_BTD, w_DV, targets_BT, weights_BT, chunk)
+def _weighted_cross_entropy_fwd(x_BTD, w_DV, targets_BT, weights_BT, head, chunk, w_dtype):
+  loss, ce_BT, dx_BTD, dw_DV = _loss_and_grads(x_BTD, w_DV, targets_BT, weights_BT, head, chunk)
   return (loss, ce_BT), (dx_BTD, dw_DV)
 
 
-def _weighted_cross_entropy_bwd(chunk, w_dtype, residuals, cotangents):
-  del chunk
+def _weighted_cross_entropy_bwd(head, chunk, w_dtype, residuals, cotangents):
+  del head, chunk
   dx_BTD, dw_DV = residuals
   d_loss = cotangents[0]  # the per-token CE's cotangent is zero: weighted_cross_entropy stops its gradient
   return (d_loss * dx_BTD).astype(dx_BTD.dtype), (d_loss * dw_DV).astype(w_dtype), None, None

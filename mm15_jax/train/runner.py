@@ -9,18 +9,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from flax import nnx
 
 from mm15_jax import config as config_lib
-from mm15_jax import paths
+from mm15_jax import layout, paths
 from mm15_jax import sharding
 from mm15_jax.config import Experiment, ModelConfig, StageConfig
 from mm15_jax.data import mixture as mixture_lib
 from mm15_jax.data import pipeline as pipeline_lib
-from mm15_jax.data import records
 from mm15_jax.data.tokenizer import Tokenizer
 from mm15_jax.models import upcycle, vit
 from mm15_jax.train import checkpoint as ckpt_lib
@@ -28,31 +28,17 @@ from mm15_jax.train import distributed
 from mm15_jax.train import epochs as epochs_lib
 from mm15_jax.train import flops as flops_lib
 from mm15_jax.train import optim
+from mm15_jax.train import stage as stage_lib
 from mm15_jax.train import state as state_lib
-from mm15_jax.train.metrics import MetricsWriter, Progress
-from mm15_jax.train.step import TrainState, make_train_step
+from mm15_jax.train.logs import MetricsWriter, Progress
 
 
 class NonFiniteError(RuntimeError):
   pass
 
 
-def stage_model_config(model: ModelConfig, stage: StageConfig, vocab_size: int) -> ModelConfig:
-  """The model as this stage sees it: encoder position embeddings at the stage's tile size, vocab of the tokenizer."""
-  if model.decoder.vocab_size and model.decoder.vocab_size < vocab_size:
-    raise ValueError(f"config key model.decoder.vocab_size={model.decoder.vocab_size} is smaller than the "
-                     f"tokenizer's {vocab_size} (0 takes the tokenizer's)")
-  return dataclasses.replace(
-      model, vision=dataclasses.replace(model.vision, image_size=stage.image_size),
-      decoder=dataclasses.replace(model.decoder, vocab_size=model.decoder.vocab_size or vocab_size))
-
-
-def stage_dir(workdir: str, stage: StageConfig) -> str:
-  return paths.join(workdir, stage.name)
-
-
-def checkpoint_dir(workdir: str, stage: StageConfig) -> str:
-  return paths.join(stage_dir(workdir, stage), "checkpoints")
+# A periodic evaluation: (model, tokenizer, stage, model config, log) -> scalars to log (e.g. "eval/<benchmark>").
+Evaluate = Callable[[Any, Tokenizer, StageConfig, ModelConfig, Callable], dict[str, float]]
 
 
 def initial_params(exp: Experiment, index: int, workdir: str, model_cfg: ModelConfig, mesh, log):
@@ -62,7 +48,7 @@ def initial_params(exp: Experiment, index: int, workdir: str, model_cfg: ModelCo
   if source == "previous":
     if index == 0:
       raise ValueError(f"config key stages.{stage.name}.init_from='previous' but it is the first stage")
-    source = checkpoint_dir(workdir, exp.stages[index - 1])
+    source = layout.checkpoint_dir(workdir, exp.stages[index - 1])
   if not source:
     log(f"[{stage.name}] random initialisation (seed {exp.seed})")
     return state_lib.init_params(model_cfg, mesh, exp.seed)
@@ -81,73 +67,77 @@ def initial_params(exp: Experiment, index: int, workdir: str, model_cfg: ModelCo
   # Rebuild under this stage's config so the graph is exactly that of a fresh model of this stage.
   graphdef, params, _ = state_lib.abstract_model(model_cfg, exp.seed)
   state_lib.check_shapes(params, like, f"config key stages.{stage.name}.init_from={source!r}")
-  shardings = state_lib.param_shardings(params, mesh)
+  shardings = sharding.param_shardings(params, mesh)
   nnx.replace_by_pure_dict(params, nnx.to_pure_dict(like))
   params = jax.device_put(params, shardings)
   return graphdef, params, rest
 
 
-def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_hosts: int | None = None) -> dict:
-  """Trains stage `index` of `exp` in `workdir/<stage name>`; returns the summary (also in summary.json).
-
-  `data_hosts`: how many per-host data shards make up the global batch (default: the process count). Only a single
-  process may set it, to read the shards of `data_hosts` hosts itself: it then sees the very batches that a run of
-  that many processes sees (a multi-host run reproduced on one process).
-  """
+def data_iterator(exp: Experiment, index: int, tokenizer: Tokenizer, model_cfg: ModelConfig,
+                  data_hosts: int | None = None):
+  """(this process's checkpointable iterator of `Batch`es, source names in the order of source_ids)."""
   stage = exp.stages[index]
-  stage = dataclasses.replace(stage, data=mixture_lib.resolve_sft(stage.data, log=log))  # data.sft -> data.mixture
-  out_dir = stage_dir(workdir, stage)
-  paths.ensure_writable_dir(out_dir)  # a missing bucket or permission stops here, before anything is written
-  tokenizer = Tokenizer(stage.data.tokenizer)
-  model_cfg = stage_model_config(exp.model, stage, tokenizer.vocab_size)
-  mesh = sharding.make_mesh(exp.mesh)
-  log(f"[{stage.name}] mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices, "
-      f"{jax.process_count()} process(es)")
-
-  # Data: each host reads its own share.
   sources = pipeline_lib.open_sources(stage.data, split="train")
-  source_names = sorted(sources)
   if stage.batch_size % (jax.process_count() * stage.grad_accum):
     raise ValueError(f"config key stages.{stage.name}.batch_size={stage.batch_size} must divide by process count "
                      f"x grad_accum = {jax.process_count() * stage.grad_accum}")
   host_pipeline = lambda process_index, process_count: pipeline_lib.make_pipeline(
-      stage.data, sources=sources, tokenizer=tokenizer, tokens_per_tile=model_cfg.connector.pooled_side ** 2,
+      stage.data, sources=sources, tokenizer=tokenizer, tokens_per_tile=model_cfg.tokens_per_tile,
       tile_size=stage.image_size, batch_size=stage.batch_size // process_count, process_index=process_index,
       process_count=process_count, seed=exp.seed)
   if data_hosts is None or data_hosts == jax.process_count():
-    data_iter = host_pipeline(jax.process_index(), jax.process_count())
-  else:
-    if jax.process_count() != 1 or data_hosts < 1 or stage.batch_size % (data_hosts * stage.grad_accum):
-      raise ValueError(f"data_hosts={data_hosts} needs a single process and stages.{stage.name}.batch_size="
-                       f"{stage.batch_size} divisible by data_hosts x grad_accum")
-    data_iter = pipeline_lib.ConcatenatedHosts(host_pipeline(p, data_hosts) for p in range(data_hosts))
+    return host_pipeline(jax.process_index(), jax.process_count()), sorted(sources)
+  if jax.process_count() != 1 or data_hosts < 1 or stage.batch_size % (data_hosts * stage.grad_accum):
+    raise ValueError(f"data_hosts={data_hosts} needs a single process and stages.{stage.name}.batch_size="
+                     f"{stage.batch_size} divisible by data_hosts x grad_accum")
+  return pipeline_lib.ConcatenatedHosts(host_pipeline(p, data_hosts) for p in range(data_hosts)), sorted(sources)
 
-  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir(workdir, stage), keep=stage.keep_checkpoints,
+
+def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_hosts: int | None = None,
+              evaluate: Evaluate | None = None) -> dict:
+  """Trains stage `index` of `exp` in `workdir/<stage name>`; returns the summary (also in summary.json).
+
+  `data_hosts`: how many per-host data shards make up the global batch (default: the process count). Only a single
+  process may set it, to read the shards of `data_hosts` hosts itself: it then sees the very batches that a run of
+  that many processes sees (a multi-host run reproduced on one process). `evaluate`: the periodic evaluation run
+  every stages.<name>.eval_every steps (eval.run.periodic_eval).
+  """
+  stage = exp.stages[index]
+  stage = dataclasses.replace(stage, data=mixture_lib.resolve_sft(stage.data, log=log))  # data.sft -> data.mixture
+  exp = dataclasses.replace(exp, stages=[*exp.stages[:index], stage, *exp.stages[index + 1:]])
+  if stage.eval_every and evaluate is None:
+    raise ValueError(f"config key stages.{stage.name}.eval_every={stage.eval_every} but this program trains without "
+                     f"evaluation: set it to 0")
+  out_dir = layout.stage_dir(workdir, stage)
+  paths.ensure_writable_dir(out_dir)  # a missing bucket or permission stops here, before anything is written
+  tokenizer = Tokenizer(stage.data.tokenizer)
+  mesh = sharding.make_mesh(exp.mesh)
+  log(f"[{stage.name}] mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices, "
+      f"{jax.process_count()} process(es)")
+  model_cfg = stage_lib.stage_model_config(exp.model, stage, tokenizer.vocab_size)
+  data_iter, source_names = data_iterator(exp, index, tokenizer, model_cfg, data_hosts)
+
+  checkpointer = ckpt_lib.Checkpointer(layout.checkpoint_dir(workdir, stage), keep=stage.keep_checkpoints,
                                        keep_period=stage.keep_every or None)
   start = checkpointer.latest_step() or 0
+  sources = pipeline_lib.open_sources(stage.data, split="train")
   probe = lambda rows: iter(pipeline_lib.make_dataset(
       dataclasses.replace(stage.data, num_workers=0), sources=sources, tokenizer=tokenizer,
-      tokens_per_tile=model_cfg.connector.pooled_side ** 2, tile_size=stage.image_size, batch_size=rows,
-      seed=exp.seed, read_threads=0))
+      tokens_per_tile=model_cfg.tokens_per_tile, tile_size=stage.image_size, batch_size=rows, seed=exp.seed,
+      read_threads=0))
   stage, schedule = epochs_lib.resolve(
       stage, sources=sources, probe=probe, log=log,
       saved=ckpt_lib.read_meta(checkpointer.directory, start) if start and stage.epochs else None)
+  exp = dataclasses.replace(exp, stages=[*exp.stages[:index], stage, *exp.stages[index + 1:]])
+  init = "abstract" if start else lambda cfg: initial_params(exp, index, workdir, cfg, mesh, log)
+  built = stage_lib.build_stage(exp, index, mesh, vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_id,
+                                init=init, num_sources=len(source_names))
+  state = built.state
   if start:  # resume: restore straight into the shards, nothing initialised
-    graphdef, params, rest = state_lib.sharded_abstract_model(model_cfg, mesh, exp.seed)
-    tx = optim.make_optimizer(stage, params)
-    state, _ = checkpointer.restore(start, state_lib.abstract_train_state(params, tx, mesh), data_iter)
+    state, _ = checkpointer.restore(start, state, data_iter)
     log(f"[{stage.name}] resumed from step {start}")
-  else:
-    graphdef, params, rest = initial_params(exp, index, workdir, model_cfg, mesh, log)
-    tx = optim.make_optimizer(stage, params)
-    state = state_lib.new_train_state(params, tx, mesh)
   meta = {"model": config_lib.to_dict(model_cfg), "stage": config_lib.to_dict(stage), "experiment": exp.name,
           **({"schedule": schedule} if schedule else {})}
-
-  step_fn = make_train_step(graphdef, rest, tx, model_cfg=model_cfg, image_token_id=tokenizer.image_id,
-                            num_sources=len(source_names), grad_accum=stage.grad_accum)
-  shardings = state_lib.state_shardings(state)
-  jit_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
 
   step_flops = flops_lib.train_step_flops(model_cfg, batch_size=stage.batch_size, seq_len=stage.data.seq_len,
                                           max_images=stage.data.max_images, tile_size=stage.image_size)
@@ -165,10 +155,9 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
       stop = preemption.stop_after(step)
       while step < stage.steps and not stop:
         batch = next(data_iter)
-        stats = {k: int(np.sum(batch.pop(k))) for k in list(batch) if k.startswith("stat_")}
-        host = {"tokens_nonpad": int((batch["segment_ids"] > 0).sum()), "tokens_total": batch["segment_ids"].size,
-                **stats}
-        state, metrics = jit_step(state, state_lib.global_batch(batch, mesh))
+        host = {"tokens_nonpad": int((batch.segment_ids > 0).sum()), "tokens_total": batch.segment_ids.size,
+                "stats": {k: int(np.sum(v)) for k, v in batch.stats.items()}}
+        state, metrics = built.step(state, sharding.global_batch(batch.without_stats(), mesh))
         step += 1
         window.append((metrics, host))
         stop = preemption.stop_after(step)
@@ -192,8 +181,8 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
           writer.write(step, scalars)
           progress.report(step, rate, {k: scalars[k] for k in ("loss", "grad_norm", "lr", "packing")})
         if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
-          writer.write(step, periodic_eval(nnx.merge(graphdef, state.params, rest), tokenizer, stage, model_cfg,
-                                           log))
+          model = nnx.merge(built.graphdef, state.params, built.rest)
+          writer.write(step, evaluate(model, tokenizer, stage, model_cfg, log))
         stop = stop or preemption.stop_after(step)  # one process: a SIGTERM during logging or eval counts now
         if step % stage.checkpoint_every == 0 or step == stage.steps or stop:
           checkpointer.save(step, state, data_iter, {**meta, "step": step})
@@ -208,18 +197,6 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
              "checkpoint": checkpointer.directory}
   paths.path(out_dir).joinpath("summary.json").write_text(json.dumps(summary, indent=2))
   return summary
-
-
-def periodic_eval(model, tokenizer, stage: StageConfig, model_cfg: ModelConfig, log) -> dict[str, float]:
-  """A quick held-out evaluation inside the training loop -> scalars "eval/<benchmark>", "eval/<category>"."""
-  from mm15_jax.eval import run as eval_run, suites
-  result = eval_run.evaluate_params(
-      model, tokenizer, stage.data, tile_size=stage.image_size, tokens_per_tile=model_cfg.connector.pooled_side ** 2,
-      benchmarks=suites.select(stage.data.data_dir, stage.eval_benchmarks or None),
-      max_examples=stage.eval_max_examples, log=log)
-  scalars = {f"eval/{n}": b["score"] for n, b in result["benchmarks"].items()}
-  scalars.update({f"eval/{c}": v["score"] for c, v in result["categories"].items()})
-  return scalars
 
 
 def _summarise(window, source_names) -> dict[str, float]:
@@ -239,7 +216,6 @@ def _summarise(window, source_names) -> dict[str, float]:
       out[f"loss/{name}"] = float(c / n)
   out["tokens_nonpad_mean"] = float(np.mean([h["tokens_nonpad"] for h in hosts]))
   out["packing"] = float(np.sum([h["tokens_nonpad"] for h in hosts]) / np.sum([h["tokens_total"] for h in hosts]))
-  for k in hosts[0]:
-    if k.startswith("stat_"):
-      out[k[5:]] = float(np.sum([h[k] for h in hosts]))
+  for k in hosts[0]["stats"]:
+    out[k] = float(np.sum([h["stats"][k] for h in hosts]))
   return out

@@ -5,12 +5,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from mm15_jax import sharding
 from mm15_jax.config import ModelConfig
 from mm15_jax.models import multimodal
-from mm15_jax.models.multimodal import MultimodalModel, param_shardings  # noqa: F401  (re-exported)
+from mm15_jax.models.multimodal import MultimodalModel
+from mm15_jax.sharding import param_shardings  # noqa: F401  (also imported from here by conversion code)
 from mm15_jax.train import optim
 from mm15_jax.train.step import TrainState
 
@@ -57,10 +58,6 @@ def restore_model_params(directory: str, mesh: Mesh, seed: int = 0):
   return model_cfg, graphdef, like, rest
 
 
-def replicated(mesh: Mesh):
-  return NamedSharding(mesh, P())
-
-
 def init_params(cfg: ModelConfig, mesh: Mesh, seed: int):
   """Random initialisation compiled with output shardings: each device builds only its shard."""
   return nnx.split(multimodal.init_sharded(cfg, mesh, seed), nnx.Param, ...)
@@ -78,7 +75,7 @@ def opt_state_shardings(tx: optax.GradientTransformation, params, mesh: Mesh):
   def leaf_sharding(path, leaf):
     index, field = path[-1], path[-2] if len(path) > 1 else None
     if not isinstance(index, jax.tree_util.SequenceKey):
-      return replicated(mesh)
+      return sharding.replicated(mesh)
     names, shape = views[index.idx]
     field = getattr(field, "name", None)
     if leaf.shape == shape:
@@ -94,7 +91,7 @@ def opt_state_shardings(tx: optax.GradientTransformation, params, mesh: Mesh):
     if leaf.size > 1:
       raise ValueError(f"optimiser state {optim.path_str(path)} of shape {leaf.shape} follows no rule for a "
                        f"parameter of shape {shape}")
-    return replicated(mesh)
+    return sharding.replicated(mesh)
 
   return jax.tree_util.tree_map_with_path(leaf_sharding, jax.eval_shape(tx.init, params))
 
@@ -108,29 +105,15 @@ def init_opt_state(tx: optax.GradientTransformation, params, mesh: Mesh):
 def abstract_train_state(params, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
   """The train state's shapes and shardings without computing it (abstract `params` with shardings): the target of
   a resume, so a restarted job never initialises weights it is about to overwrite."""
-  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
   opt_state = sharded_abstract(jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, mesh))
   return TrainState(step=step, params=params, opt_state=opt_state)
 
 
 def new_train_state(params, tx, mesh: Mesh) -> TrainState:
-  step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
+  step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
   return TrainState(step=step, params=params, opt_state=init_opt_state(tx, params, mesh))
 
 
 def state_shardings(state: TrainState):
   return jax.tree.map(lambda x: x.sharding, state)
-
-
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  return NamedSharding(mesh, sharding.logical_to_spec(("batch",) + (None,) * (ndim - 1)))
-
-
-def global_batch(local_batch: dict, mesh: Mesh) -> dict:
-  """Host-local numpy batch -> global jax arrays sharded over the batch axes (multi-host safe)."""
-  out = {}
-  for k, x in local_batch.items():
-    s = batch_sharding(mesh, x.ndim)
-    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-    out[k] = jax.make_array_from_process_local_data(s, x, global_shape)
-  return out

@@ -13,9 +13,8 @@ import optax
 from flax import nnx
 
 from mm15_jax.config import ModelConfig
+from mm15_jax.data.batch import Batch
 from mm15_jax.train import loss as loss_lib
-
-MODEL_INPUTS = ("tokens", "images", "image_mask", "segment_ids", "positions")
 
 
 @jax.tree_util.register_dataclass
@@ -26,14 +25,12 @@ class TrainState:
   opt_state: Any
 
 
-def loss_and_metrics(model, batch, *, model_cfg: ModelConfig, image_token_id: int, num_sources: int):
-  x_BTD, aux = model.hidden(*(batch[k] for k in MODEL_INPUTS), image_token_id=image_token_id,
-                            image_extent=batch.get("image_extent"))
-  mask_BT = batch["loss_mask"].astype(jnp.float32)
+def loss_and_metrics(model, batch: Batch, *, model_cfg: ModelConfig, image_token_id: int, num_sources: int):
+  x_BTD, w_DV, aux = model.head_inputs(batch, image_token_id=image_token_id)
+  mask_BT = batch.loss_mask.astype(jnp.float32)
   num_tokens = mask_BT.sum()
-  decoder = model.decoder
-  ce_sum, ce_BT = loss_lib.weighted_cross_entropy(decoder.final_norm(x_BTD), decoder.head_weight(), batch["targets"],
-                                                  mask_BT, chunk=model_cfg.loss_chunk)
+  ce_sum, ce_BT = loss_lib.weighted_cross_entropy(x_BTD, w_DV, batch.targets, mask_BT, head=model.head_logits,
+                                                  chunk=model_cfg.loss_chunk)
   ce = ce_sum / jnp.maximum(num_tokens, 1.0)
   loss = ce
   metrics = {"ce": ce, "loss_tokens": num_tokens}
@@ -42,7 +39,7 @@ def loss_and_metrics(model, batch, *, model_cfg: ModelConfig, image_token_id: in
     loss = loss + moe.load_balance_weight * aux["moe_load_balance_loss"] + moe.z_loss_weight * aux["moe_z_loss"]
     metrics.update({k: aux[k] for k in ("moe_load_balance_loss", "moe_z_loss", "moe_drop_rate")})
   # Per-source sums; the host divides, so per-source loss is exact over any window of steps.
-  onehot_BTS = jax.nn.one_hot(batch["source_ids"], num_sources, dtype=jnp.float32) * mask_BT[..., None]
+  onehot_BTS = jax.nn.one_hot(batch.source_ids, num_sources, dtype=jnp.float32) * mask_BT[..., None]
   metrics["source_ce_sum"] = jnp.einsum("bt,bts->s", ce_BT, onehot_BTS)
   metrics["source_tokens"] = onehot_BTS.sum((0, 1))
   metrics["loss"] = loss
@@ -51,7 +48,7 @@ def loss_and_metrics(model, batch, *, model_cfg: ModelConfig, image_token_id: in
 
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, model_cfg: ModelConfig,
                     image_token_id: int, num_sources: int, grad_accum: int = 1):
-  """Returns `step(state, batch) -> (state, metrics)`; jit it with shardings (see train.state)."""
+  """Returns `step(state, batch) -> (state, metrics)`; train.stage.build_stage jits it with the state's shardings."""
 
   def grads_of(params, batch):
     def loss_fn(p):
@@ -84,7 +81,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, model_c
                for k, v in ms.items()}
     return grads, metrics
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch: Batch):
     grads, metrics = accumulated_grads(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
