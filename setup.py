@@ -31,5 +31,5 @@ setup(
         # torch: exactly the CPU build that installs from local disk (a looser pin pulls a CUDA build of several GB).
         "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0", "transformers==5.24.0", "safetensors>=0.6"],
     },
-    entry_points={"console_scripts": ["mm15=mm15_jax.cli:main"]},
+    entry_points={"console_scripts": ["mm15=mm15_jax.cli:entry"]},
 )

@@ -15,14 +15,21 @@
   mm15 aot --config NAME --topology v5p:4x4x4    compile the train step for a TPU slice: per-chip memory, FLOPs
   mm15 params --model NAME                         parameter counts, without allocating weights
   mm15 config --config NAME                        the resolved experiment as JSON
+
+Errors print one line and exit 2 (bad input) or 1 (a run that failed); `mm15 --debug ...` or MM15_DEBUG=1 shows
+the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import sys
+import traceback
+
+from mm15_jax import errors
 
 
 def _key_values(pairs: list[str], flag: str) -> dict:
@@ -53,11 +60,19 @@ def load_experiment(name: str, args: list[str] | None = None, overrides: list[st
     if name not in builtin:
       raise SystemExit(f"--config {name!r}: not a built-in config ({sorted(builtin)}) nor a .py file")
     module = builtin[name]
-  exp = module.get_config(**_key_values(args, "--arg"))
+  kwargs = _key_values(args, "--arg")
+  accepted = inspect.signature(module.get_config).parameters
+  if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+      raise errors.UserError(f"--arg {unknown[0]}: get_config() of --config {name} takes {sorted(accepted)}")
+  exp = module.get_config(**kwargs)
   try:
-    return config_lib.override(exp, overrides or [])
-  except (KeyError, TypeError, ValueError) as e:
-    raise SystemExit(f"--set: {e.args[0] if e.args else e}") from e
+    exp = config_lib.override(exp, overrides or [])
+  except (KeyError, TypeError, ValueError, IndexError) as e:
+    raise errors.UserError(f"--set: {e.args[0] if e.args else e}") from e
+  config_lib.validate(exp)
+  return exp
 
 
 def _add_config_flags(p):
@@ -67,6 +82,7 @@ def _add_config_flags(p):
 
 
 def cmd_train(a):
+  from mm15_jax import config as config_lib
   from mm15_jax.train import distributed, runner
   distributed.initialize()
   exp = load_experiment(a.config, a.arg, a.set)
@@ -75,9 +91,14 @@ def cmd_train(a):
   unknown = sorted(set(wanted) - set(names))
   if unknown:
     raise SystemExit(f"--stage: unknown stage(s) {unknown}; this config has {names}")
+  from mm15_jax.train import lock
   for i, stage in enumerate(exp.stages):
-    if stage.name in wanted:
-      runner.run_stage(exp, i, a.workdir)
+    if stage.name in wanted:  # everything a stage reads is checked before the first compile
+      config_lib.validate_inputs(exp, i, a.workdir)
+  with lock.WorkdirLock(a.workdir):
+    for i, stage in enumerate(exp.stages):
+      if stage.name in wanted:
+        runner.run_stage(exp, i, a.workdir)
 
 
 def cmd_aot(a):
@@ -162,6 +183,7 @@ def cmd_config(a):
 
 
 def main(argv: list[str] | None = None):
+  """Parses `argv` and runs the command; errors propagate (`entry` is the command line's wrapper)."""
   parser = argparse.ArgumentParser(prog="mm15", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
 
@@ -273,5 +295,34 @@ def main(argv: list[str] | None = None):
   a.fn(a)
 
 
+def entry(argv: list[str] | None = None):
+  """The `mm15` command: `main` with every error as one line on stderr, exit 2 (bad input) or 1 (failed run)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--debug" in argv:
+    argv.remove("--debug")
+    os.environ["MM15_DEBUG"] = "1"
+  try:
+    main(argv)
+  except SystemExit as e:
+    if isinstance(e.code, str) and not errors.debug():  # a message: bad input
+      _fail(e.code, 2)
+    raise
+  except KeyboardInterrupt:
+    _fail("interrupted", 130)
+  except Exception as e:  # pylint: disable=broad-except
+    if errors.debug():
+      traceback.print_exc()
+    code = getattr(e, "exit_code", 2 if isinstance(e, errors.INPUT_ERRORS) else 1)
+    unexpected = code == 1 and not isinstance(e, errors.RunError) and not errors.debug()
+    hint = " (mm15 --debug ... shows the traceback)" if unexpected else ""
+    _fail(errors.one_line(e) + hint, code)
+
+
+def _fail(line: str, code: int):
+  sys.stderr.flush()
+  print(line if line.startswith("mm15") else f"mm15: {line}", file=sys.stderr, flush=True)
+  raise SystemExit(code)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  entry()

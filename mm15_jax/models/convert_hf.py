@@ -182,6 +182,9 @@ def save_checkpoint(directory: str, params: nnx.State, meta: dict[str, Any], ste
                                              meta=ocp.args.JsonSave(meta)))
   manager.wait_until_finished()
   manager.close()
+  if jax.process_index() == 0:
+    from mm15_jax.train import checkpoint as ckpt_lib
+    ckpt_lib.write_manifest(os.path.join(directory, str(step)))
 
 
 def convert(vision_dir: str, decoder_dir: str, out_dir: str, *, connector: ConnectorConfig | None = None,

@@ -18,9 +18,13 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-  """`write(step, scalars)` to `<logdir>/metrics.jsonl` and TensorBoard under `<logdir>/tb`."""
+  """`write(step, scalars)` to `<logdir>/metrics.jsonl` and TensorBoard under `<logdir>/tb`.
 
-  def __init__(self, logdir: str, *, prefix: str = ""):
+  `resume_step`: a run resumed from that checkpoint step drops what an earlier run logged after it (rows of the
+  JSONL; in TensorBoard, a purge event that makes it discard those steps), so no step appears twice.
+  """
+
+  def __init__(self, logdir: str, *, prefix: str = "", resume_step: int | None = None):
     self.active = jax.process_index() == 0
     self.prefix = prefix
     self._tb = None
@@ -28,8 +32,12 @@ class MetricsWriter:
     if self.active:
       os.makedirs(logdir, exist_ok=True)
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(logdir, "tb"))
-      self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+      path = os.path.join(logdir, "metrics.jsonl")
+      if resume_step is not None:
+        _truncate_jsonl(path, resume_step)
+      self._tb = SummaryWriter(os.path.join(logdir, "tb"),
+                               purge_step=resume_step + 1 if resume_step is not None else None)
+      self._jsonl = open(path, "a")
 
   def write(self, step: int, scalars: dict[str, float]):
     if not self.active:
@@ -44,6 +52,24 @@ class MetricsWriter:
     if self.active:
       self._tb.close()
       self._jsonl.close()
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+  """Keeps the rows of steps <= last_step (and a torn last line is dropped), rewritten atomically."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= last_step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+      except (ValueError, KeyError, TypeError):
+        continue
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
 
 class Progress:

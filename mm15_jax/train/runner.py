@@ -25,6 +25,7 @@ from mm15_jax.models import vit
 from mm15_jax.train import checkpoint as ckpt_lib
 from mm15_jax.train import distributed
 from mm15_jax.train import flops as flops_lib
+from mm15_jax.train import lock
 from mm15_jax.train import optim
 from mm15_jax.train import state as state_lib
 from mm15_jax.train.metrics import MetricsWriter, Progress
@@ -79,6 +80,7 @@ def initial_params(exp: Experiment, index: int, workdir: str, model_cfg: ModelCo
   return graphdef, params, rest
 
 
+@lock.holds_workdir
 def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_hosts: int | None = None) -> dict:
   """Trains stage `index` of `exp` in `workdir/<stage name>`; returns the summary (also in summary.json).
 
@@ -119,9 +121,10 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
   if start:  # resume: restore straight into the shards, nothing initialised
     graphdef, params, rest = state_lib.sharded_abstract_model(model_cfg, mesh, exp.seed)
     tx = optim.make_optimizer(stage, params)
-    state, _ = checkpointer.restore(start, state_lib.abstract_train_state(params, tx, mesh), data_iter)
-    log(f"[{stage.name}] resumed from step {start}")
-  else:
+    start, state, _ = checkpointer.restore_latest(state_lib.abstract_train_state(params, tx, mesh), data_iter, log)
+    if start:
+      log(f"[{stage.name}] resumed from step {start}")
+  if not start:
     graphdef, params, rest = initial_params(exp, index, workdir, model_cfg, mesh, log)
     tx = optim.make_optimizer(stage, params)
     state = state_lib.new_train_state(params, tx, mesh)
@@ -138,7 +141,7 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
   log(f"[{stage.name}] {step_flops / 1e12:.4g} TFLOPs per step (analytic, forward + backward); peak per device "
       f"{f'{peak_tflops:g} TFLOP/s' if peak_tflops else 'unknown (set MM15_PEAK_TFLOPS for MFU)'}")
 
-  writer = MetricsWriter(out_dir)
+  writer = MetricsWriter(out_dir, resume_step=start)
   progress = Progress(stage.name, stage.steps, start)
   window, losses, nonfinite_run = [], [], 0
   t_start = time.perf_counter()
@@ -147,6 +150,7 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
     with distributed.Preemption() as preemption, sharding.use_mesh(mesh):
       stop = preemption.stop_after(step)
       while step < stage.steps and not stop:
+        checkpointer.check()  # a failed asynchronous save stops the run here
         batch = next(data_iter)
         stats = {k: int(np.sum(batch.pop(k))) for k in list(batch) if k.startswith("stat_")}
         host = {"tokens_nonpad": int((batch["segment_ids"] > 0).sum()), "tokens_total": batch["segment_ids"].size,
