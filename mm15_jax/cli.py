@@ -301,6 +301,8 @@ def entry(argv: list[str] | None = None):
   if "--debug" in argv:
     argv.remove("--debug")
     os.environ["MM15_DEBUG"] = "1"
+  if not errors.debug():
+    errors.quiet_library_reports()
   try:
     main(argv)
   except SystemExit as e:

@@ -312,7 +312,7 @@ def validate(exp: Experiment) -> None:
   for i, stage in enumerate(exp.stages):
     _require(bool(stage.name) and "." not in stage.name and "/" not in stage.name, f"stages.{i}.name", stage.name,
              "a stage name is a non-empty word without '.' or '/'")
-    _require(names.count(stage.name) == 1, f"stages.{i}.name", stage.name, f"stage names must differ ({names})")
+    _require(names.index(stage.name) == i, f"stages.{i}.name", stage.name, f"stage names must differ ({names})")
     key = f"stages.{stage.name}"
     for field in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "keep_checkpoints",
                   "max_nonfinite_steps", "image_size"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 
 class UserError(Exception):
@@ -54,10 +55,11 @@ def root_cause(exc: BaseException) -> str:
       where = f" ({e.filename})" if e.filename else ""
       return f"{os.strerror(e.errno).lower()}{where}"
   for e in chain:
-    text = str(e).lower()
+    text = str(e)
     for phrase in _STORAGE_MESSAGES:
-      if phrase in text:
-        return phrase
+      if phrase in text.lower():
+        path = re.search(r'"((?:/|gs://)[^"]+)"', text)  # TensorStore: Error writing local file "PATH": ...
+        return f"{phrase} ({path.group(1)})" if path else phrase
   innermost = chain[-1] if chain else exc
   lines = [line for line in str(innermost).splitlines() if line.strip()]
   return (lines[-1].strip() if lines else type(innermost).__name__)[:300]
@@ -73,3 +75,32 @@ def one_line(exc: BaseException) -> str:
   if not isinstance(exc, (UserError, RunError)) and not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
   return text
+
+
+def _from_orbax(record) -> bool:
+  import traceback
+  if "/orbax/" in (record.pathname or ""):
+    return True
+  tb = record.exc_info[2] if record.exc_info else None
+  return tb is not None and any("/orbax/" in frame.filename for frame in traceback.extract_tb(tb))
+
+
+def _orbax_error_filter(record) -> bool:
+  return record.levelno < 40 or not _from_orbax(record)  # 40: logging.ERROR
+
+
+def quiet_library_reports() -> None:
+  """The command line's reporting of a failed save is one line: Orbax's own reports of it (an error log with a
+  traceback per background thread, TensorStore callbacks into the closed event loop) are left out unless MM15_DEBUG.
+  """
+  import logging
+  import sys
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addFilter(_orbax_error_filter)
+  default = sys.excepthook
+
+  def hook(kind, value, tb):
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      return
+    default(kind, value, tb)
+  sys.excepthook = hook

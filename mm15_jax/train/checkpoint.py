@@ -44,7 +44,15 @@ def _file_digest(path: epath.Path) -> str:
 
 
 def _files(step_dir: epath.Path) -> dict[str, epath.Path]:
-  return {str(p.relative_to(step_dir)): p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST}
+  """Every file under `step_dir` (but the manifest) by its path relative to it."""
+  out, todo = {}, [step_dir]
+  while todo:
+    for p in todo.pop().iterdir():
+      if p.is_dir():
+        todo.append(p)
+      elif p.name != MANIFEST:
+        out[str(p.relative_to(step_dir))] = p
+  return out
 
 
 def write_manifest(step_dir) -> None:
@@ -254,6 +262,29 @@ def _reader(directory: str, **handlers) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(directory), item_handlers=handlers, options=options)
 
 
+def _warn_damaged(directory: str, step: int, problem: str):
+  print(f"WARNING: checkpoint step {step} in {directory} is damaged ({problem}); using the step before",
+        file=sys.stderr, flush=True)
+
+
+def newest_intact_step(directory: str) -> int:
+  """The newest step of `directory` whose files match their manifest (or that has none); damaged ones are reported,
+  not moved (the directory may belong to another stage or run)."""
+  if not epath.Path(directory).is_dir():
+    raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+  manager = _reader(directory, meta=ocp.JsonCheckpointHandler())
+  steps = sorted(manager.all_steps(), reverse=True)
+  manager.close()
+  for step in steps:
+    problem = _checked(os.path.abspath(directory), step)
+    missing = [item for item in ("meta", "params") if not (epath.Path(directory) / str(step) / item).is_dir()]
+    problem = problem or (f"no {missing[0]} folder" if missing else None)  # checked when it has no manifest
+    if problem is None:
+      return step
+    _warn_damaged(directory, step, problem)
+  raise FileNotFoundError(f"no complete checkpoint in {directory}")
+
+
 def _restore_item(directory: str, name: str, handler, args, step: int | None):
   """Item `name` of `step`, or of the newest step that passes its check and restores (others are reported and
   skipped, not moved: this directory may belong to another stage or run)."""
@@ -274,8 +305,7 @@ def _restore_item(directory: str, name: str, handler, args, step: int | None):
           problem = f"does not restore: {errors.root_cause(e)}"
       elif step is not None:
         raise errors.UserError(f"checkpoint step {candidate} in {directory} is damaged ({problem})")
-      print(f"WARNING: checkpoint step {candidate} in {directory} is damaged ({problem}); using the step before",
-            file=sys.stderr, flush=True)
+      _warn_damaged(directory, candidate, problem)
     raise FileNotFoundError(f"no complete checkpoint in {directory}")
   finally:
     manager.close()

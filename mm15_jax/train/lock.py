@@ -148,6 +148,8 @@ def _stale(lease: dict) -> str | None:
   if lease.get("host") == socket.gethostname() and lease.get("pid"):
     pid = int(lease["pid"])
     if pid == os.getpid():
+      if any(held.lease and held.lease["token"] == lease.get("token") for held in _held.values()):
+        return None
       return "left by an earlier run of this process"
     try:
       os.kill(pid, 0)
@@ -200,10 +202,11 @@ class WorkdirLock:
     return self
 
   def __exit__(self, *exc):
-    if _held.get(self.path) is not self:
+    holder = _held.get(self.path)
+    if holder is None:  # MM15_NO_WORKDIR_LOCK
       return
-    self._depth -= 1
-    if self._depth:
+    holder._depth -= 1
+    if holder is not self or self._depth:
       return
     del _held[self.path]
     if self.backend is not None:
