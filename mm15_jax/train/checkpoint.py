@@ -13,7 +13,6 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
 import sys
 from typing import Any
 
@@ -188,7 +187,7 @@ class Checkpointer:
     self._failed = True
     if jax.process_index() == 0:
       for tmp in epath.Path(self.directory).glob(f"{step}{ocp.path.step.TMP_DIR_SUFFIX}*"):
-        shutil.rmtree(tmp, ignore_errors=True) if not str(tmp).startswith("gs://") else tmp.rmtree()
+        tmp.rmtree()
     kept = [s for s in self.manager.all_steps() if s != step]
     kept_text = f"step {max(kept)} is the newest complete checkpoint" if kept else "no complete checkpoint is kept"
     raise CheckpointSaveError(f"checkpoint save at step {step} failed: {errors.root_cause(exc)}; {kept_text} "
