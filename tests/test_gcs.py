@@ -195,7 +195,7 @@ def test_missing_bucket_is_one_line(gcs, env, workspace):
               mm15("train", "--config", "gcs_config.py", "--arg", f"data_dir=gs://{BUCKET}/data",
                    "--workdir", "gs://no-such-bucket/run")):
     result = run(cmd, env, workspace)
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input: the bucket named does not exist
     last = result.stderr.strip().splitlines()[-1]
     assert "gs://no-such-bucket" in last and "does not exist" in last and "gcloud storage buckets create" in last
     assert "Traceback" not in result.stderr

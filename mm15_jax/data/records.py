@@ -25,7 +25,7 @@ import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
 
-from mm15_jax import paths
+from mm15_jax import errors, paths
 
 VERSION = "1.0.0"
 KINDS = ("caption", "interleaved", "text", "ocr", "sft")
@@ -174,8 +174,21 @@ class RecordSource:
     index = int(index)
     if not 0 <= index < self._len:
       raise IndexError(f"{self.name}/{self.split}[{index}] out of range (len {self._len})")
-    raw = self._reader()[index]
+    try:
+      raw = self._reader()[index]
+      if raw is None:
+        raise ValueError("the reader returned nothing")
+    except Exception as e:  # pylint: disable=broad-except (Riegeli/ArrayRecord errors name no dataset or file)
+      raise ValueError(f"{self.name}/{self.split}[{index}]: cannot read the record from {self._file_of(index)} "
+                       f"({errors.root_cause(e)}); the file is damaged or truncated: rebuild or re-copy dataset "
+                       f"{self.name!r}") from e
     return decode_record(raw, where=f"{self.name}/{self.split}[{index}]") if self.decode else raw
+
+  def _file_of(self, index: int) -> str:
+    """The ArrayRecord shard file holding record `index`."""
+    info = tfds.builder_from_directory(self._version_dir).info.splits[self.split]
+    ends = np.cumsum(info.shard_lengths)
+    return str(info.filepaths[int(np.searchsorted(ends, index, side="right"))])
 
   def __iter__(self) -> Iterator[dict[str, Any]]:
     for i in range(self._len):

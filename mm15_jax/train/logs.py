@@ -7,6 +7,7 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 
 from mm15_jax import paths
 
@@ -19,17 +20,26 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-  """`write(step, scalars)` to `<logdir>/metrics.jsonl` and TensorBoard under `<logdir>/tb`."""
+  """`write(step, scalars)` to `<logdir>/metrics.jsonl` and TensorBoard under `<logdir>/tb`.
 
-  def __init__(self, logdir: str, *, prefix: str = ""):
+  `resume_step`: a run resumed from that checkpoint step drops what an earlier run logged after it (rows of the
+  JSONL; in TensorBoard, a purge event that makes it discard those steps), so no step appears twice.
+  """
+
+  def __init__(self, logdir: str, *, prefix: str = "", resume_step: int | None = None):
     self.active = jax.process_index() == 0
     self.prefix = prefix
     self._tb = None
     self._jsonl = None
     if self.active:
       from tensorboardX import SummaryWriter
-      self._jsonl = paths.LineLog(paths.join(logdir, "metrics.jsonl"))
-      self._tb = SummaryWriter(paths.join(logdir, "tb"))  # tensorboardX writes gs:// and s3:// itself
+      path = paths.join(logdir, "metrics.jsonl")
+      if resume_step is not None:
+        _truncate_jsonl(path, resume_step)
+      self._jsonl = paths.LineLog(path)
+      # tensorboardX writes gs:// and s3:// itself; purge_step hides the events past a resumed step.
+      self._tb = SummaryWriter(paths.join(logdir, "tb"),
+                               purge_step=resume_step + 1 if resume_step is not None else None)
 
   def write(self, step: int, scalars: dict[str, float]):
     if not self.active:
@@ -43,6 +53,23 @@ class MetricsWriter:
     if self.active:
       self._tb.close()
       self._jsonl.close()
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+  """Keeps the rows of steps <= last_step (and a torn last line is dropped), rewritten by rename."""
+  p = epath.Path(path)
+  if not p.exists():
+    return
+  kept = []
+  for line in p.read_text().splitlines():
+    try:
+      if json.loads(line)["step"] <= last_step:
+        kept.append(line + "\n")
+    except (ValueError, KeyError, TypeError):
+      continue
+  tmp = epath.Path(path + ".tmp")
+  tmp.write_text("".join(kept))
+  tmp.replace(p)
 
 
 class Progress:

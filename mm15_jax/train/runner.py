@@ -27,6 +27,7 @@ from mm15_jax.train import checkpoint as ckpt_lib
 from mm15_jax.train import distributed
 from mm15_jax.train import epochs as epochs_lib
 from mm15_jax.train import flops as flops_lib
+from mm15_jax.train import lock
 from mm15_jax.train import optim
 from mm15_jax.train import stage as stage_lib
 from mm15_jax.train import state as state_lib
@@ -93,6 +94,7 @@ def data_iterator(exp: Experiment, index: int, tokenizer: Tokenizer, model_cfg: 
   return pipeline_lib.ConcatenatedHosts(host_pipeline(p, data_hosts) for p in range(data_hosts)), sorted(sources)
 
 
+@lock.holds_workdir
 def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_hosts: int | None = None,
               evaluate: Evaluate | None = None) -> dict:
   """Trains stage `index` of `exp` in `workdir/<stage name>`; returns the summary (also in summary.json).
@@ -127,15 +129,19 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
       read_threads=0))
   stage, schedule = epochs_lib.resolve(
       stage, sources=sources, probe=probe, log=log,
-      saved=ckpt_lib.read_meta(checkpointer.directory, start) if start and stage.epochs else None)
+      saved=ckpt_lib.read_meta(checkpointer.directory) if start and stage.epochs else None)
   exp = dataclasses.replace(exp, stages=[*exp.stages[:index], stage, *exp.stages[index + 1:]])
-  init = "abstract" if start else lambda cfg: initial_params(exp, index, workdir, cfg, mesh, log)
-  built = stage_lib.build_stage(exp, index, mesh, vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_id,
-                                init=init, num_sources=len(source_names))
-  state = built.state
   if start:  # resume: restore straight into the shards, nothing initialised
-    state, _ = checkpointer.restore(start, state, data_iter)
-    log(f"[{stage.name}] resumed from step {start}")
+    built = stage_lib.build_stage(exp, index, mesh, vocab_size=tokenizer.vocab_size,
+                                  image_token_id=tokenizer.image_id, init="abstract", num_sources=len(source_names))
+    start, state, _ = checkpointer.restore_latest(built.state, data_iter, log)  # a damaged step falls back
+    if start:
+      log(f"[{stage.name}] resumed from step {start}")
+  if not start:
+    built = stage_lib.build_stage(exp, index, mesh, vocab_size=tokenizer.vocab_size,
+                                  image_token_id=tokenizer.image_id, num_sources=len(source_names),
+                                  init=lambda cfg: initial_params(exp, index, workdir, cfg, mesh, log))
+    state = built.state
   meta = {"model": config_lib.to_dict(model_cfg), "stage": config_lib.to_dict(stage), "experiment": exp.name,
           **({"schedule": schedule} if schedule else {})}
 
@@ -145,7 +151,7 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
   log(f"[{stage.name}] {step_flops / 1e12:.4g} TFLOPs per step (analytic, forward + backward); peak per device "
       f"{f'{peak_tflops:g} TFLOP/s' if peak_tflops else 'unknown (set MM15_PEAK_TFLOPS for MFU)'}")
 
-  writer = MetricsWriter(out_dir)
+  writer = MetricsWriter(out_dir, resume_step=start)
   progress = Progress(stage.name, stage.steps, start)
   window, losses, nonfinite_run = [], [], 0
   t_start = time.perf_counter()
@@ -154,6 +160,7 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
     with distributed.Preemption() as preemption, sharding.use_mesh(mesh):
       stop = preemption.stop_after(step)
       while step < stage.steps and not stop:
+        checkpointer.check()  # a failed asynchronous save stops the run here
         batch = next(data_iter)
         host = {"tokens_nonpad": int((batch.segment_ids > 0).sum()), "tokens_total": batch.segment_ids.size,
                 "stats": {k: int(np.sum(v)) for k, v in batch.stats.items()}}

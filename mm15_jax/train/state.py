@@ -51,10 +51,11 @@ def restore_model_params(directory: str, mesh: Mesh, seed: int = 0):
   """(model config, graphdef, params, rest) of a checkpoint, parameters restored straight into their shards."""
   from mm15_jax import config as config_lib
   from mm15_jax.train import checkpoint as ckpt_lib
-  meta = ckpt_lib.read_meta(directory)
+  step = ckpt_lib.newest_intact_step(directory)  # meta and params of one step
+  meta = ckpt_lib.read_meta(directory, step)
   model_cfg = config_lib.from_dict(ModelConfig, meta["model"])
   graphdef, like, rest = sharded_abstract_model(model_cfg, mesh, seed)
-  nnx.replace_by_pure_dict(like, ckpt_lib.restore_params(directory, like))
+  nnx.replace_by_pure_dict(like, ckpt_lib.restore_params(directory, like, step))
   return model_cfg, graphdef, like, rest
 
 
