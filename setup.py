@@ -25,6 +25,7 @@ setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "pyarrow>=14",
+        "pycocoevalcap>=1.2",  # CIDEr-D of UI screen descriptions (its pure-Python scorer; no Java needed)
     ],
     extras_require={
         # libtpu for TPU VMs and for `mm15 aot --topology` on any host; its version is tied to jax's (0.0.42.x).

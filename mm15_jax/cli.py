@@ -53,12 +53,15 @@ def load_experiment(name: str, args: list[str] | None = None, overrides: list[st
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
   else:
-    from mm15_jax.configs import mm15, tiny
-    builtin = {"tiny": tiny, "mm15": mm15}
+    from mm15_jax.configs import mm15, mm15_ui, tiny, tiny_ui
+    builtin = {"tiny": tiny, "mm15": mm15, "tiny_ui": tiny_ui, "mm15_ui": mm15_ui}
     if name not in builtin:
       raise SystemExit(f"--config {name!r}: not a built-in config ({sorted(builtin)}) nor a .py file")
     module = builtin[name]
-  exp = module.get_config(**_key_values(args, "--arg"))
+  try:
+    exp = module.get_config(**_key_values(args, "--arg"))
+  except ValueError as e:
+    raise SystemExit(f"--config {name}: {e.args[0] if e.args else e}") from e
   try:
     return config_lib.override(exp, overrides or [])
   except (KeyError, TypeError, ValueError) as e:
@@ -205,15 +208,19 @@ def main(argv: list[str] | None = None):
   p.add_argument("--out", required=True)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--scale", type=float, default=1.0)
+  p.add_argument("--ui", action="store_true", help="also the mobile-UI datasets (ui_*) for MM1.5-UI")
+  p.add_argument("--ui-size", default="small", choices=["small", "phone"],
+                 help="UI screens at 180x320 (tiny models) or a phone's 1080x1920")
   p.set_defaults(fn=cmd_synth)
   p = data.add_parser("convert", help="convert webdataset tars, parquet, JSONL or LLaVA JSON into a dataset")
-  p.add_argument("--format", required=True, choices=["webdataset", "parquet", "jsonl", "llava"])
+  p.add_argument("--format", required=True, choices=["webdataset", "parquet", "jsonl", "llava", "rico"])
   p.add_argument("--input", required=True, nargs="+", help="files, globs or folders")
   p.add_argument("--out", required=True, help="data dir that receives the dataset")
   p.add_argument("--name", required=True, help="dataset name, e.g. ocr_pdfa")
   p.add_argument("--split", default="train", choices=["train", "test"])
   p.add_argument("--kind", default="", help="webdataset: ocr|caption; parquet: ocr|caption|text|interleaved|sft; "
-                                             "jsonl: text|interleaved; llava makes sft")
+                                             "jsonl: text|interleaved; llava makes sft; "
+                                             "rico: sft|ui_ocr|ui_widget|ui_icon|ui_ground")
   p.add_argument("--source", default="", help="the records' source field (default: --name)")
   p.add_argument("--category", default="", help="SFT category (llava, --kind sft)")
   p.add_argument("--text-field", default="", help="webdataset: dotted key in the .json member (default: .txt)")
@@ -221,7 +228,8 @@ def main(argv: list[str] | None = None):
   p.add_argument("--text-column", default="", help="default: text (interleaved: texts)")
   p.add_argument("--image-root", default="", help="folder image paths are relative to (llava: required; "
                                                   "parquet/jsonl: default the input file's folder)")
-  p.add_argument("--records-per-shard", type=int, default=10000, help="llava: entries per parallel shard")
+  p.add_argument("--records-per-shard", type=int, default=10000,
+                 help="llava: entries (rico: screens) per parallel shard")
   p.add_argument("--workers", type=int, default=1)
   p.add_argument("--max-bad-fraction", type=float, default=0.01)
   p.set_defaults(fn=cmd_convert)

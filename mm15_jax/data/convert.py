@@ -1,10 +1,11 @@
 """Converts datasets in the formats they ship in (webdataset tars, parquet, JSONL, LLaVA JSON) into record datasets.
 
-  mm15 data convert --format webdataset|parquet|jsonl|llava --kind KIND --input FILES... --out DATA_DIR
+  mm15 data convert --format webdataset|parquet|jsonl|llava|rico --kind KIND --input FILES... --out DATA_DIR
                     --name DATASET [options]
 
 Kinds by format (convert_formats.KINDS): webdataset ocr|caption; parquet ocr|caption|text|interleaved|sft (the
-last: the_cauldron or LLaVA-OneVision layout); jsonl text|interleaved; llava sft.
+last: the_cauldron or LLaVA-OneVision layout); jsonl text|interleaved; llava sft; rico sft or a held-out UI task
+(convert_ui.py).
 
 The result is the same TFDS ArrayRecord layout `records.write_source` writes (DATA_DIR/<name>/<version>/), read
 with `records.open_source`. Conversion is restartable and parallel over input shards (a tar or parquet file, or
@@ -42,7 +43,7 @@ from mm15_jax.data.convert_formats import (DEFAULT_COLUMNS, FORMATS, KINDS, READ
                                            load_llava_entries)
 
 FILE_SUFFIXES = {"webdataset": (".tar", ".tar.gz", ".tgz"), "parquet": (".parquet",), "llava": (".json", ".jsonl"),
-                 "jsonl": (".jsonl", ".json")}
+                 "jsonl": (".jsonl", ".json"), "rico": (".json",)}
 STAGING = ".convert"
 _WARNINGS_PER_SHARD = 10  # bad entries named per shard; the rest are counted
 
@@ -81,6 +82,9 @@ def expand_inputs(patterns: Iterable[str], fmt: str) -> list[str]:
 
 
 def plan_shards(files: list[str], opts: ConvertOptions) -> list[Shard]:
+  if opts.format == "rico":
+    from mm15_jax.data import convert_ui
+    return convert_ui.plan_shards(files, opts)
   if opts.format != "llava":
     return [Shard(path) for path in files]
   shards = []
@@ -242,6 +246,8 @@ def convert(inputs: Iterable[str], data_dir: str, name: str, opts: ConvertOption
   if opts.kind == "sft" and not opts.category:
     raise ConvertError(f"--category is required for --format {opts.format} --kind sft (the SFT category of the "
                        "records)")
+  if opts.format == "rico" and opts.records_per_shard < 1:
+    raise ConvertError(f"--records-per-shard {opts.records_per_shard}: must be at least 1")
   if opts.format == "llava":
     if not os.path.isdir(opts.image_root):
       raise ConvertError(f"--image-root {opts.image_root!r} is not a folder (required for --format llava)")
@@ -308,7 +314,7 @@ def convert(inputs: Iterable[str], data_dir: str, name: str, opts: ConvertOption
 
 def convert_command(args) -> ConvertSummary:
   """`mm15 data convert`; args: the argparse namespace of the subcommand."""
-  kind = args.kind or ("sft" if args.format == "llava" else "")
+  kind = args.kind or ("sft" if args.format in ("llava", "rico") else "")
   image_column, text_column = DEFAULT_COLUMNS.get(kind, ("image", "text"))
   opts = ConvertOptions(format=args.format, kind=kind, source=args.source or args.name, category=args.category,
                         text_field=args.text_field, image_column=args.image_column or image_column,

@@ -16,6 +16,7 @@
               relative to the image root (default: the file's folder).
   llava:      a JSON list (or JSONL) of {"id", "image": path | [paths], "conversations": [{"from", "value"}]}
               with images under an image root; becomes kind "sft".
+  rico:       RICO-style view hierarchy JSON files beside their screenshots -> UI records (convert_ui.py).
 
 A reader yields (key, record) for good entries and (key, BadEntry) for entries to skip; an error that spoils the
 whole shard (unreadable tar or parquet file, a column that does not exist) raises. Images keep their original
@@ -36,10 +37,11 @@ from PIL import Image
 
 from mm15_jax.data import records
 
-FORMATS = ("webdataset", "parquet", "llava", "jsonl")
+FORMATS = ("webdataset", "parquet", "llava", "jsonl", "rico")
 # The record kinds each format can make.
 KINDS = {"webdataset": ("ocr", "caption"), "parquet": ("ocr", "caption", "text", "interleaved", "sft"),
-         "llava": ("sft",), "jsonl": ("text", "interleaved")}
+         "llava": ("sft",), "jsonl": ("text", "interleaved"),
+         "rico": ("sft", "ui_ocr", "ui_widget", "ui_icon", "ui_ground")}  # convert_ui.KINDS
 # Column (field) names by kind when none is given: (image column, text column).
 DEFAULT_COLUMNS = {"interleaved": ("images", "texts")}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff")  # preference order inside one sample
@@ -419,4 +421,10 @@ def read_llava(shard: Shard, opts: ConvertOptions) -> Iterator[tuple[str, dict |
       yield key, e
 
 
-READERS = {"webdataset": read_webdataset, "parquet": read_parquet, "llava": read_llava, "jsonl": read_jsonl}
+def read_rico(shard: Shard, opts: ConvertOptions) -> Iterator[tuple[str, dict | BadEntry]]:
+  from mm15_jax.data import convert_ui  # it builds on this module
+  yield from convert_ui.read_rico(shard, opts)
+
+
+READERS = {"webdataset": read_webdataset, "parquet": read_parquet, "llava": read_llava, "jsonl": read_jsonl,
+           "rico": read_rico}

@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 VERSION = "1.0.0"
 KINDS = ("caption", "interleaved", "text", "ocr", "sft")
 ROLES = ("user", "assistant", "system")
-METRICS = ("exact", "vqa", "anls", "relaxed", "iou", "mc", "mme", "pope")
+METRICS = ("exact", "vqa", "anls", "relaxed", "iou", "mc", "mme", "pope", "cider")
 IMAGE_MARKER = "<image>"
 
 _FEATURES = tfds.features.FeaturesDict({

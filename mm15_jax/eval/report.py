@@ -17,12 +17,14 @@ CATEGORY_BENCHMARKS: dict[str, tuple[str, ...]] = {
     "Refer&Ground": ("RefCOCO", "RefCOCO+", "RefCOCOg", "Flickr30k", "LVIS-Ref", "Ferret-Bench"),
     "Multi-image": ("NLVR2", "MuirBench"),
     "In-context learning": ("VL-ICL",),
+    "UI": (),  # MM1.5-UI: no public benchmark is named by the recipe; evaluated UI benchmarks join here
 }
 # Held-out ("test" split) sets of the synthetic corpus, grouped like the paper's categories.
 HELDOUT_CATEGORIES: dict[str, tuple[str, ...]] = {
     "General": ("sft_general",),
     "Text-rich": ("sft_text_rich",),
     "Refer&Ground": ("sft_refer_ground",),
+    "UI": ("ui_ocr", "ui_widget", "ui_icon", "ui_ground", "ui_describe"),
 }
 MMBASE_CATEGORIES = ("General", "Text-rich", "Knowledge")
 
