@@ -243,7 +243,7 @@ def convert(inputs: Iterable[str], data_dir: str, name: str, opts: ConvertOption
     raise ConvertError(f"--format {opts.format!r}: expected one of {FORMATS}")
   if opts.kind not in KINDS[opts.format]:
     raise ConvertError(f"--kind {opts.kind!r}: --format {opts.format} makes one of {KINDS[opts.format]}")
-  if opts.kind == "sft" and not opts.category:
+  if opts.kind == "sft" and not opts.category and opts.format != "rico":  # rico records are category "ui"
     raise ConvertError(f"--category is required for --format {opts.format} --kind sft (the SFT category of the "
                        "records)")
   if opts.format == "rico" and opts.records_per_shard < 1:

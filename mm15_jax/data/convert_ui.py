@@ -11,7 +11,8 @@ The screenshot is `<id>.jpg|.jpeg|.png|.webp` beside the JSON (or under --image-
 
 Kinds: "sft" writes one training conversation per screen (element OCR, widget classification, icon recognition,
 grounding and the widget list, the questions drawn by a generator seeded with the entry's id); a task name of
-HELD_OUT_TASKS writes one held-out question of that task per screen (use with --split test). Bad entries (JSON that
+HELD_OUT_TASKS writes one held-out question of that task per screen (use with --split test). Records are in
+category "ui" unless --category names another. Bad entries (JSON that
 does not parse, no root bounds, no screenshot, an unreadable screenshot, no visible element) are skipped and
 counted by the converter.
 """
@@ -147,7 +148,7 @@ def rico_screen(json_path: str, image_root: str = "") -> synth_ui.Screen:
                          height=round(y2 - y1), elements=elements, png=png)
 
 
-def rico_record(screen: synth_ui.Screen, kind: str, key: str, source: str) -> dict:
+def rico_record(screen: synth_ui.Screen, kind: str, key: str, source: str, category: str = "") -> dict:
   rng = np.random.default_rng(zlib.crc32(key.encode()))
   if kind == "sft":
     pairs = []
@@ -162,6 +163,7 @@ def rico_record(screen: synth_ui.Screen, kind: str, key: str, source: str) -> di
       record["source"] = source
   if record is None:
     raise BadEntry("no question", f"the screen has nothing {kind} can ask about")
+  record["category"] = category or synth_ui.CATEGORY
   return record
 
 
@@ -175,6 +177,6 @@ def read_rico(shard: Shard, opts: ConvertOptions) -> Iterator[tuple[str, dict | 
   for path in (shard.entries if shard.entries is not None else [shard.path]):
     key = epath.Path(path).stem
     try:
-      yield key, rico_record(rico_screen(path, opts.image_root), opts.kind, key, opts.source)
+      yield key, rico_record(rico_screen(path, opts.image_root), opts.kind, key, opts.source, opts.category)
     except BadEntry as e:
       yield key, e
