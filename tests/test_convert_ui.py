@@ -71,18 +71,21 @@ def test_rico_screens_become_ui_records_and_bad_entries_are_counted(rico_dir, tm
   text = "\n".join(m["content"] for r in got for m in r["messages"])
   listing = [m["content"] for m in got[0]["messages"] if m["role"] == "assistant" and ";" in m["content"]][0]
   # Boxes on the 0..1000 grid of the root's 1440x2560 bounds, clipped to it; hidden views and containers left out.
-  assert listing == ('app bar [0, 0, 1000, 100]; Search icon [900, 25, 1000, 75]; text field "Title" '
-                     '[100, 200, 900, 300]; switch (on) [800, 400, 1000, 500]; button "Save" [100, 900, 500, 1000]')
-  assert "Hidden" not in text and "Clipped" not in listing  # invisible views left out; text is no widget to list
+  assert listing == 'app bar; Search icon; text field "Title"; switch (on); button "Save"'
+  assert "Hidden" not in text  # an invisible view
+  elements = [(e.type, e.text, e.box) for e in convert_ui.screen_elements(HIERARCHY["activity"]["root"])]
+  assert elements == [("app bar", "", (0, 0, 1000, 100)), ("text", "Notes", (100, 25, 500, 75)),
+                      ("icon", "Search", (900, 25, 1000, 75)), ("text field", "Title", (100, 200, 900, 300)),
+                      ("switch", "", (800, 400, 1000, 500)), ("button", "Save", (100, 900, 500, 1000)),
+                      ("text", "Clipped", (972, 977, 1000, 1000))]  # [1400, 2500, 1440, 2560] of 1440x2560
   assert got[1]["images"][0] == (rico_dir / "202.png").read_bytes()
 
 
-def test_semantic_labels_and_clipping():
+def test_semantic_labels_and_checked_state():
   elements = [(e.type, e.text, e.box) for e in convert_ui.screen_elements(SEMANTIC)]
   assert elements == [("icon", "arrow backward", (0, 0, 200, 100)), ("text", "Inbox", (200, 0, 800, 100)),
                       ("list item", "Alice", (0, 100, 1000, 200))]
-  clipped = convert_ui.screen_elements(HIERARCHY["activity"]["root"])[-1]
-  assert (clipped.text, clipped.box) == ("Clipped", (972, 977, 1000, 1000))  # [1400, 2500, 1440, 2560] of 1440x2560
+  assert [e.state for e in convert_ui.screen_elements(HIERARCHY["activity"]["root"]) if e.type == "switch"] == ["on"]
 
 
 def test_rico_held_out_task_and_option_errors(rico_dir, tmp_path):

@@ -380,12 +380,19 @@ def ground_qa(screen: Screen, rng) -> tuple[str, str] | None:
 
 
 def list_qa(screen: Screen, rng) -> tuple[str, str] | None:
-  del rng
+  """Widget listing: every widget by name, or those of one half of the screen with their boxes (a whole screen's
+  boxes would not fit a small model's sequence)."""
   widgets = [e for e in screen.elements if e.type not in ("status bar", "text")]
   if not widgets:
     return None
-  return "List the widgets on this screen with their boxes.", "; ".join(
-      f"{describe_element(e)} {box_text(e.box)}" for e in widgets)
+  if rng.random() < 0.5:
+    return "List the widgets on this screen.", "; ".join(describe_element(e) for e in widgets)
+  half = pick(rng, ("top", "bottom"))
+  chosen = [e for e in widgets if ((e.box[1] + e.box[3]) / 2 < 500) == (half == "top")]
+  if not chosen:
+    return None
+  return (f"List the widgets in the {half} half of the screen with their boxes.",
+          "; ".join(f"{describe_element(e)} {box_text(e.box)}" for e in chosen))
 
 
 def _counted(n: int, noun: str) -> str:
