@@ -68,12 +68,12 @@ def node_text(node: dict, type_: str) -> str:
   return ""
 
 
-def _bounds(node: Any, where: str) -> tuple[float, float, float, float] | None:
+def _bounds(node: Any) -> tuple[float, float, float, float] | None:
+  """A node's [x1, y1, x2, y2], or None when it has none (or not four numbers)."""
   bounds = node.get("bounds") if isinstance(node, dict) else None
   if (not isinstance(bounds, list) or len(bounds) != 4
       or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bounds)):
     return None
-  del where
   return tuple(float(v) for v in bounds)
 
 
@@ -81,7 +81,7 @@ def hierarchy_root(payload: Any) -> dict:
   """The root node of a RICO view hierarchy or semantic annotation file."""
   if isinstance(payload, dict) and isinstance(payload.get("activity"), dict):
     payload = payload["activity"].get("root")
-  if not isinstance(payload, dict) or _bounds(payload, "") is None:
+  if not isinstance(payload, dict) or _bounds(payload) is None:
     raise BadEntry("missing field", "no root node with 'bounds' [x1, y1, x2, y2]")
   return payload
 
@@ -89,7 +89,7 @@ def hierarchy_root(payload: Any) -> dict:
 def screen_elements(root: dict) -> list[synth_ui.Element]:
   """Visible elements of known type, boxes on the 0..1000 grid of the root's bounds (clipped to it), in
   depth-first order; elements without an area inside the screen are dropped."""
-  rx1, ry1, rx2, ry2 = _bounds(root, "")
+  rx1, ry1, rx2, ry2 = _bounds(root)
   width, height = rx2 - rx1, ry2 - ry1
   if width <= 0 or height <= 0:
     raise BadEntry("missing field", f"root bounds {[rx1, ry1, rx2, ry2]} have no area")
@@ -102,7 +102,7 @@ def screen_elements(root: dict) -> list[synth_ui.Element]:
     children = node.get("children")
     if isinstance(children, list):
       stack.extend(reversed(children))
-    box, type_ = _bounds(node, ""), node_type(node)
+    box, type_ = _bounds(node), node_type(node)
     if node is root or box is None or not type_:
       continue
     x1, y1 = max(box[0], rx1), max(box[1], ry1)
@@ -140,7 +140,7 @@ def rico_screen(json_path: str, image_root: str = "") -> synth_ui.Screen:
     raise BadEntry("no elements", "no visible element of a known type")
   image_path = find_screenshot(json_path, image_root)
   png = check_image(image_path.read_bytes(), str(image_path))
-  x1, y1, x2, y2 = _bounds(root, "")
+  x1, y1, x2, y2 = _bounds(root)
   activity = payload.get("activity_name", "") if isinstance(payload, dict) else ""
   app = str(activity).split("/")[0] if activity else "the"
   bars = [e for e in elements if e.type == "app bar" and e.text]

@@ -364,7 +364,8 @@ def ground_qa(screen: Screen, rng) -> tuple[str, str] | None:
   """Find a text, an icon or a widget type: the answer is its box (only elements the question names uniquely)."""
   by_text = unique(_with_text(screen), lambda e: e.text.lower())
   by_icon = unique(screen.of_type("icon"), lambda e: e.text)
-  by_type = unique(screen.elements, lambda e: e.type)
+  # The status bar is always at the top: asking for it would teach a constant answer.
+  by_type = unique([e for e in screen.elements if e.type != "status bar"], lambda e: e.type)
   options = [k for k, found in (("text", by_text), ("icon", by_icon), ("type", by_type)) if found]
   if not options:
     return None
