@@ -2,6 +2,7 @@
 
   mm15 demo [--workdir DIR]                        synthetic corpus -> 3 stages -> evaluation, on CPU
   mm15 data synth --out DIR [--seed N]             the synthetic corpus (TFDS ArrayRecord) and its tokenizer
+                  [--ui [--ui-size phone]]         (+ mobile-UI screens and tasks for MM1.5-UI: --config tiny_ui)
   mm15 train --config NAME|FILE.py --workdir DIR   every stage of an experiment (or --stage NAME)
   mm15 eval --workdir DIR | --checkpoint DIR       benchmark evaluation of a checkpoint on the "test" splits
             [--benchmarks a,b] [--n-max 16]        of the data dir: report.json, categories.png, a table
@@ -11,7 +12,7 @@
                                                    -> records dataset NAME, split "test"
   mm15 generate --checkpoint DIR --image F --prompt TEXT [--draw out.png]
                                                    answer about images, streamed; boxes/points drawn
-  mm15 data convert --format webdataset|parquet|jsonl|llava --kind K --input F... --out DATA_DIR --name NAME
+  mm15 data convert --format webdataset|parquet|jsonl|llava|rico --kind K --input F... --out DATA_DIR --name NAME
                                                    datasets as shipped -> TFDS ArrayRecord (parallel, restartable)
   mm15 convert-hf --vision DIR --decoder DIR --out CKPT
                                                    HF / open_clip ViT + HF LLM safetensors -> a stage-1 checkpoint

@@ -99,3 +99,17 @@ def test_rico_held_out_task_and_option_errors(rico_dir, tmp_path):
     convert.convert([str(rico_dir)], str(out), "x", _opts("caption"), progress=None)
   with pytest.raises(convert.ConvertError, match="bad"):  # 4 of 6 entries bad > the default 1%
     convert.convert([str(rico_dir)], str(out), "y", _opts("sft"), progress=None)
+
+
+def test_rerun_converts_only_shards_whose_files_changed(rico_dir, tmp_path):
+  out, files = tmp_path / "data", [str(rico_dir / f"{k}.json") for k in ("101", "202")]
+  opts = ConvertOptions(format="rico", kind="sft", source="rico_ui", records_per_shard=1)
+  first = convert.convert(files, str(out), "rico_ui", opts, progress=None)
+  assert len(first.converted) == 2 and not first.reused
+  again = convert.convert(files, str(out), "rico_ui", opts, progress=None)
+  assert not again.converted and len(again.reused) == 2
+  opts = ConvertOptions(format="rico", kind="sft", source="rico_ui", records_per_shard=2)
+  convert.convert(files, str(out), "rico_ui", opts, progress=None)
+  (rico_dir / "202.json").write_text(json.dumps({**SEMANTIC, "children": SEMANTIC["children"][:1]}))
+  changed = convert.convert(files, str(out), "rico_ui", opts, progress=None)  # the shard's second file changed
+  assert len(changed.converted) == 1 and changed.records == 2

@@ -121,7 +121,7 @@ def test_ui_configs():
   from mm15_jax.cli import load_experiment
   exp = load_experiment("tiny_ui", ["data_dir=/d", "scale=0.1"])
   (stage,) = exp.stages
-  assert stage.init_from == "runs/demo/sft/checkpoints" and stage.data.data_dir == "/d"
+  assert stage.init_from == "runs/ui/sft/checkpoints" and stage.data.data_dir == "/d" and stage.name == "sft_ui"
   assert abs(sum(stage.data.mixture.values()) - 1) < 1e-9 and set(stage.data.mixture) == set(synth_ui.COUNTS)
   exp = load_experiment("mm15_ui", ["init_from=/ckpt", 'sources={"rico_ui": 2, "ui_ground": 2}'])
   (stage,) = exp.stages

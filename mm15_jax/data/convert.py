@@ -101,8 +101,15 @@ def plan_shards(files: list[str], opts: ConvertOptions) -> list[Shard]:
 
 def _input_fingerprint(shard: Shard) -> dict:
   stat = os.stat(shard.path)
-  return {"path": shard.path, "start": shard.start, "stop": shard.stop, "size": stat.st_size,
-          "mtime_ns": stat.st_mtime_ns}
+  out = {"path": shard.path, "start": shard.start, "stop": shard.stop, "size": stat.st_size,
+         "mtime_ns": stat.st_mtime_ns}
+  if shard.entries is not None and all(isinstance(e, str) for e in shard.entries):  # a shard of files (rico)
+    digest = hashlib.sha1()
+    for path in shard.entries:
+      entry = os.stat(path)
+      digest.update(f"{path}:{entry.st_size}:{entry.st_mtime_ns}\n".encode())
+    out["files"] = digest.hexdigest()
+  return out
 
 
 def _shard_id(shard: Shard) -> str:
