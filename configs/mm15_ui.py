@@ -1,7 +1,7 @@
 """MM1.5-UI at paper scale: further SFT of an MM1.5 checkpoint on mobile-UI data with the SFT hyperparameters.
 
-    mm15 train --config mm15_ui --arg init_from=gs://BUCKET/runs/3b/sft/checkpoints --set model=3b \
-        --set data_dir=gs://BUCKET/data --workdir gs://BUCKET/runs/3b-ui
+    mm15 train --config mm15_ui --arg init_from=gs://BUCKET/runs/3b/sft/checkpoints --arg size=3b \
+        --arg data_dir=gs://BUCKET/data --workdir gs://BUCKET/runs/3b-ui
 
 Data: the UI datasets under data_dir, from `mm15 data synth --ui --ui-size phone` (1080x1920 screens) and/or RICO-style
 view hierarchies converted with `mm15 data convert --format rico` (pass `--arg sources='{"rico_ui": 1.0}'` for
