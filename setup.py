@@ -29,6 +29,7 @@ setup(
         # with google-cloud-storage (Orbax's tensorstore and ArrayRecord bring their own GCS clients).
         "gcsfs>=2024.2",
         "google-cloud-storage>=2.14",
+        "pycocoevalcap>=1.2",  # CIDEr-D of UI screen descriptions (its pure-Python scorer; no Java needed)
     ],
     extras_require={
         # libtpu for TPU VMs and for `mm15 aot --topology` on any host; its version is tied to jax's (0.0.42.x).

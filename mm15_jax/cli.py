@@ -1,8 +1,8 @@
 """`mm15`: the command line.
 
   mm15 demo [--workdir DIR]                        synthetic corpus -> 3 stages -> evaluation, on CPU
-  mm15 data synth --out DIR [--seed N] [--video]   the synthetic corpus (TFDS ArrayRecord) and its tokenizer
-                                                   (--video: plus video QA datasets)
+  mm15 data synth --out DIR [--seed N]             the synthetic corpus (TFDS ArrayRecord) and its tokenizer
+                  [--video] [--ui [--ui-size S]]   (+ video QA datasets; + mobile-UI screens and tasks)
   mm15 train --config NAME|FILE.py --workdir DIR   every stage of an experiment (or --stage NAME)
   mm15 eval --workdir DIR | --checkpoint DIR       benchmark evaluation of a checkpoint on the "test" splits
             [--benchmarks a,b] [--n-max 16]        of the data dir: report.json, categories.png, a table
@@ -13,8 +13,8 @@
                                                    -> records dataset NAME, split "test"
   mm15 generate --checkpoint DIR --image F --prompt TEXT [--draw out.png]
                                                    answer about images, streamed; boxes/points drawn
-  mm15 data convert --format webdataset|parquet|jsonl|llava|llava-video --kind K --input F... --out DATA_DIR
-                    --name NAME
+  mm15 data convert --format webdataset|parquet|jsonl|llava|llava-video|rico --kind K --input F...
+                    --out DATA_DIR --name NAME
                                                    datasets as shipped -> TFDS ArrayRecord (parallel, restartable)
   mm15 convert-hf --vision DIR --decoder DIR --out CKPT
                                                    HF / open_clip ViT + HF LLM safetensors -> a stage-1 checkpoint
@@ -63,8 +63,9 @@ def load_experiment(name: str, args: list[str] | None = None, overrides: list[st
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
   else:
-    from mm15_jax.configs import mm15, mm15_video, tiny, tiny_video
-    builtin = {"tiny": tiny, "mm15": mm15, "tiny_video": tiny_video, "mm15_video": mm15_video}
+    from mm15_jax.configs import mm15, mm15_ui, mm15_video, tiny, tiny_ui, tiny_video
+    builtin = {"tiny": tiny, "mm15": mm15, "tiny_video": tiny_video, "mm15_video": mm15_video, "tiny_ui": tiny_ui,
+               "mm15_ui": mm15_ui}
     if name not in builtin:
       raise SystemExit(f"--config {name!r}: not a built-in config ({sorted(builtin)}) nor a .py file")
     module = builtin[name]
@@ -76,8 +77,8 @@ def load_experiment(name: str, args: list[str] | None = None, overrides: list[st
       raise errors.UserError(f"--arg {unknown[0]}: get_config() of --config {name} takes {sorted(accepted)}")
   try:
     exp = module.get_config(**kwargs)
-  except config_lib.RemovedKeyError as e:
-    raise errors.UserError(f"--config {name}: {e}") from e
+X
+    raise errors.UserError(f"--config {name}: {e.args[0] if e.args else e}") from e
   try:
     exp = config_lib.override(exp, overrides or [])
   except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -238,15 +239,19 @@ def main(argv: list[str] | None = None):
   p.add_argument("--scale", type=float, default=1.0)
   p.add_argument("--video", action="store_true",
                  help="add the synthetic video QA datasets (the image corpus is built first if DIR has none)")
+  p.add_argument("--ui", action="store_true", help="also the mobile-UI datasets (ui_*) for MM1.5-UI")
+  p.add_argument("--ui-size", default="small", choices=["small", "phone"],
+                 help="UI screens at 180x320 (tiny models) or a phone's 1080x1920")
   p.set_defaults(fn=cmd_synth)
-  p = data.add_parser("convert", help="convert webdataset tars, parquet, JSONL or LLaVA JSON into a dataset")
-  p.add_argument("--format", required=True, choices=["webdataset", "parquet", "jsonl", "llava", "llava-video"])
+  p = data.add_parser("convert", help="convert webdataset tars, parquet, JSONL, LLaVA or RICO JSON into a dataset")
+  p.add_argument("--format", required=True, choices=["webdataset", "parquet", "jsonl", "llava", "llava-video", "rico"])
   p.add_argument("--input", required=True, nargs="+", help="files, globs or folders")
   p.add_argument("--out", required=True, help="data dir that receives the dataset")
   p.add_argument("--name", required=True, help="dataset name, e.g. ocr_pdfa")
   p.add_argument("--split", default="train", choices=["train", "test"])
   p.add_argument("--kind", default="", help="webdataset: ocr|caption; parquet: ocr|caption|text|interleaved|sft; "
-                                             "jsonl: text|interleaved; llava, llava-video make sft")
+                                             "jsonl: text|interleaved; llava, llava-video make sft; "
+                                             "rico: sft|ui_ocr|ui_widget|ui_icon|ui_ground")
   p.add_argument("--source", default="", help="the records' source field (default: --name)")
   p.add_argument("--category", default="", help="SFT category (llava, --kind sft; llava-video: "
                                                  "default video)")
@@ -256,7 +261,8 @@ def main(argv: list[str] | None = None):
   p.add_argument("--image-root", default="", help="folder image paths are relative to (llava, llava-video "
                                                   "videos: required; "
                                                   "parquet/jsonl: default the input file's folder)")
-  p.add_argument("--records-per-shard", type=int, default=10000, help="llava: entries per parallel shard")
+  p.add_argument("--records-per-shard", type=int, default=10000,
+                 help="llava: entries (rico: screens) per parallel shard")
   p.add_argument("--video-frames", type=int, default=0,
                  help="llava-video: store this many uniformly sampled frames (JPEG) instead of the video file")
   p.add_argument("--workers", type=int, default=1)

@@ -1,11 +1,11 @@
 """Converts datasets in the formats they ship in (webdataset tars, parquet, JSONL, LLaVA JSON) into record datasets.
 
-  mm15 data convert --format webdataset|parquet|jsonl|llava|llava-video --kind KIND --input FILES... --out DATA_DIR
-                    --name DATASET [options]
+  mm15 data convert --format webdataset|parquet|jsonl|llava|llava-video|rico --kind KIND --input FILES...
+                    --out DATA_DIR --name DATASET [options]
 
 Kinds by format (convert_formats.KINDS): webdataset ocr|caption; parquet ocr|caption|text|interleaved|sft (the
 last: the_cauldron or LLaVA-OneVision layout); jsonl text|interleaved; llava sft; llava-video sft (video records,
-category "video" unless --category).
+category "video" unless --category); rico sft or a held-out UI task (convert_ui.py).
 
 The result is the same TFDS ArrayRecord layout `records.write_source` writes (DATA_DIR/<name>/<version>/), read
 with `records.open_source`. Conversion is restartable and parallel over input shards (a tar or parquet file, or
@@ -44,8 +44,7 @@ from mm15_jax.data.convert_formats import (DEFAULT_COLUMNS, FORMATS, KINDS, READ
                                            load_llava_entries)
 
 FILE_SUFFIXES = {"webdataset": (".tar", ".tar.gz", ".tgz"), "parquet": (".parquet",), "llava": (".json", ".jsonl"),
-                 "llava-video": (".json", ".jsonl"),
-                 "jsonl": (".jsonl", ".json")}
+                 "llava-video": (".json", ".jsonl"), "jsonl": (".jsonl", ".json"), "rico": (".json",)}
 STAGING = ".convert"
 _WARNINGS_PER_SHARD = 10  # bad entries named per shard; the rest are counted
 
@@ -84,6 +83,9 @@ def expand_inputs(patterns: Iterable[str], fmt: str) -> list[str]:
 
 
 def plan_shards(files: list[str], opts: ConvertOptions) -> list[Shard]:
+  if opts.format == "rico":
+    from mm15_jax.data import convert_ui
+    return convert_ui.plan_shards(files, opts)
   if opts.format not in ("llava", "llava-video"):
     return [Shard(path) for path in files]
   shards = []
@@ -100,8 +102,15 @@ def plan_shards(files: list[str], opts: ConvertOptions) -> list[Shard]:
 
 def _input_fingerprint(shard: Shard) -> dict:
   stat = os.stat(shard.path)
-  return {"path": shard.path, "start": shard.start, "stop": shard.stop, "size": stat.st_size,
-          "mtime_ns": stat.st_mtime_ns}
+  out = {"path": shard.path, "start": shard.start, "stop": shard.stop, "size": stat.st_size,
+         "mtime_ns": stat.st_mtime_ns}
+  if shard.entries is not None and all(isinstance(e, str) for e in shard.entries):  # a shard of files (rico)
+    digest = hashlib.sha1()
+    for path in shard.entries:
+      entry = os.stat(path)
+      digest.update(f"{path}:{entry.st_size}:{entry.st_mtime_ns}\n".encode())
+    out["files"] = digest.hexdigest()
+  return out
 
 
 def _shard_id(shard: Shard) -> str:
@@ -254,9 +263,11 @@ def convert(inputs: Iterable[str], data_dir: str, name: str, opts: ConvertOption
     raise ConvertError(f"--format {opts.format!r}: expected one of {FORMATS}")
   if opts.kind not in KINDS[opts.format]:
     raise ConvertError(f"--kind {opts.kind!r}: --format {opts.format} makes one of {KINDS[opts.format]}")
-  if opts.kind == "sft" and not opts.category:
+  if opts.kind == "sft" and not opts.category and opts.format != "rico":  # rico records are category "ui"
     raise ConvertError(f"--category is required for --format {opts.format} --kind sft (the SFT category of the "
                        "records)")
+  if opts.format == "rico" and opts.records_per_shard < 1:
+    raise ConvertError(f"--records-per-shard {opts.records_per_shard}: must be at least 1")
   if opts.format in ("llava", "llava-video"):
     if not os.path.isdir(opts.image_root):
       raise ConvertError(f"--image-root {opts.image_root!r} is not a folder (required for --format {opts.format})")
@@ -324,7 +335,7 @@ def convert(inputs: Iterable[str], data_dir: str, name: str, opts: ConvertOption
 
 def convert_command(args) -> ConvertSummary:
   """`mm15 data convert`; args: the argparse namespace of the subcommand."""
-  kind = args.kind or ("sft" if args.format in ("llava", "llava-video") else "")
+  kind = args.kind or ("sft" if args.format in ("llava", "llava-video", "rico") else "")
   category = args.category or ("video" if args.format == "llava-video" else "")
   image_column, text_column = DEFAULT_COLUMNS.get(kind, ("image", "text"))
   opts = ConvertOptions(format=args.format, kind=kind, source=args.source or args.name, category=category,

@@ -20,6 +20,7 @@
               under the image root; becomes kind "sft" video records (data/video.py) holding the video file, or
               `video_frames` uniformly sampled JPEG frames and their timestamps. The video's "<image>" (or "<video>")
               marker becomes "<video>"; without one, "<video>\n" goes before the first question.
+  rico:       RICO-style view hierarchy JSON files beside their screenshots -> UI records (convert_ui.py).
 
 A reader yields (key, record) for good entries and (key, BadEntry) for entries to skip; an error that spoils the
 whole shard (unreadable tar or parquet file, a column that does not exist) raises. Images keep their original
@@ -41,10 +42,11 @@ from PIL import Image
 from mm15_jax.data import records
 from mm15_jax.data import video as video_lib
 
-FORMATS = ("webdataset", "parquet", "llava", "jsonl", "llava-video")
+FORMATS = ("webdataset", "parquet", "llava", "jsonl", "llava-video", "rico")
 # The record kinds each format can make.
 KINDS = {"webdataset": ("ocr", "caption"), "parquet": ("ocr", "caption", "text", "interleaved", "sft"),
-         "llava": ("sft",), "jsonl": ("text", "interleaved"), "llava-video": ("sft",)}
+         "llava": ("sft",), "jsonl": ("text", "interleaved"), "llava-video": ("sft",),
+         "rico": ("sft", "ui_ocr", "ui_widget", "ui_icon", "ui_ground")}  # convert_ui.KINDS
 VIDEO_MAX_PIXELS = 64_000_000  # per frame, as data.max_image_pixels
 # Column (field) names by kind when none is given: (image column, text column).
 DEFAULT_COLUMNS = {"interleaved": ("images", "texts")}
@@ -474,5 +476,10 @@ def read_llava_video(shard: Shard, opts: ConvertOptions) -> Iterator[tuple[str, 
       yield key, e
 
 
+def read_rico(shard: Shard, opts: ConvertOptions) -> Iterator[tuple[str, dict | BadEntry]]:
+  from mm15_jax.data import convert_ui  # it builds on this module
+  yield from convert_ui.read_rico(shard, opts)
+
+
 READERS = {"webdataset": read_webdataset, "parquet": read_parquet, "llava": read_llava, "jsonl": read_jsonl,
-           "llava-video": read_llava_video}
+           "llava-video": read_llava_video, "rico": read_rico}

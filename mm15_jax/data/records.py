@@ -30,7 +30,7 @@ from mm15_jax import errors, paths
 VERSION = "1.0.0"
 KINDS = ("caption", "interleaved", "text", "ocr", "sft")
 ROLES = ("user", "assistant", "system")
-METRICS = ("exact", "vqa", "anls", "relaxed", "iou", "mc", "mme", "pope")
+METRICS = ("exact", "vqa", "anls", "relaxed", "iou", "mc", "mme", "pope", "cider")
 IMAGE_MARKER = "<image>"
 VIDEO_MARKER = "<video>"
 VIDEO_FORMS = ("file", "frames")

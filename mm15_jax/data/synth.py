@@ -1,6 +1,6 @@
 """Builds the synthetic corpus: every dataset of the three stages, held-out splits and a tokenizer.
 
-  mm15 data synth --out DIR [--seed N] [--scale X] [--video]
+  mm15 data synth --out DIR [--seed N] [--scale X] [--video] [--ui [--ui-size small|phone]]
 
 Each dataset split draws from its own generator, seeded by (seed, crc32 of "name/split"), so a build is a pure
 function of the seed and scale: the same seed gives byte-identical records, and adding a dataset leaves the others
@@ -10,6 +10,9 @@ unchanged. The tokenizer is a sentencepiece BPE model trained on the corpus text
 image corpus there first when DIR has none. The tokenizer stays the image corpus's (video questions are encoded with
 it, byte fallback included), so a checkpoint trained on the image corpus continues on video; the image datasets and
 the tokenizer are byte-identical with and without --video.
+
+`--ui` adds the mobile-UI datasets of synth_ui.py (the others, drawn from their own generators, stay the same; the
+tokenizer then also sees the UI text).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import sentencepiece as spm
 from mm15_jax import paths
 from mm15_jax.data import records
 from mm15_jax.data import tokenizer as tokenizer_lib
-from mm15_jax.data import synth_docs, synth_scenes, synth_sft, synth_video
+from mm15_jax.data import synth_docs, synth_scenes, synth_sft, synth_ui, synth_video
 
 Maker = Callable[[np.random.Generator, str], dict]
 
@@ -52,12 +55,12 @@ CORPUS_FILE = "corpus.json"
 VOCAB_SIZE = 1536
 
 
-def split_counts(scale: float) -> dict[str, dict[str, int]]:
+def split_counts(scale: float, datasets: dict[str, tuple[Maker, int, int]] | None = None) -> dict[str, dict[str, int]]:
   """Records per dataset and split at `scale` (at least one record in every split that exists)."""
   if scale <= 0:
     raise ValueError(f"scale must be positive, got {scale}")
   counts = {}
-  for name, (_, n_train, n_test) in DATASETS.items():
+  for name, (_, n_train, n_test) in (DATASETS if datasets is None else datasets).items():
     counts[name] = {"train": max(1, round(n_train * scale))}
     if n_test:
       counts[name]["test"] = max(1, round(n_test * scale))
@@ -68,9 +71,10 @@ def split_rng(seed: int, name: str, split: str) -> np.random.Generator:
   return np.random.default_rng([seed, zlib.crc32(f"{name}/{split}".encode())])
 
 
-def generate(name: str, split: str, count: int, seed: int) -> Iterator[dict]:
+def generate(name: str, split: str, count: int, seed: int,
+             datasets: dict[str, tuple[Maker, int, int]] | None = None) -> Iterator[dict]:
   """The records of one dataset split, in order."""
-  maker = {**DATASETS, **synth_video.DATASETS}[name][0]
+  maker = ({**DATASETS, **synth_video.DATASETS} if datasets is None else datasets)[name][0]
   rng = split_rng(seed, name, split)
   for _ in range(count):
     yield maker(rng, split)
@@ -93,12 +97,16 @@ def train_tokenizer(texts: list[str], model_path: str | os.PathLike, *, vocab_si
   tokenizer_lib.train_sentencepiece(lines, str(model_path), vocab_size=vocab_size)
 
 
-def build_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: float = 1.0,
-                 progress: Callable[[str], None] | None = print) -> dict:
-  """Writes every dataset, out_dir/tokenizer.model and out_dir/corpus.json; returns the corpus.json content."""
+def build_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: float = 1.0, ui: bool = False,
+                 ui_size: str = "small", progress: Callable[[str], None] | None = print) -> dict:
+  """Writes every dataset, out_dir/tokenizer.model and out_dir/corpus.json; returns the corpus.json content.
+
+  `ui`: also the mobile-UI datasets, screens drawn at `ui_size` (synth_ui.SIZES).
+  """
   progress = progress or (lambda _: None)
   out = paths.ensure_writable_dir(out_dir)  # a missing bucket or permission stops here
-  counts = split_counts(scale)
+  datasets = {**DATASETS, **synth_ui.datasets(ui_size)} if ui else DATASETS
+  counts = split_counts(scale, datasets)
   texts: list[str] = []
 
   def collect(stream: Iterator[dict]) -> Iterator[dict]:
@@ -109,7 +117,7 @@ def build_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: float = 1.
   start = time.time()
   for name, split_sizes in counts.items():
     t0 = time.time()
-    splits = {split: collect(generate(name, split, n, seed)) for split, n in split_sizes.items()}
+    splits = {split: collect(generate(name, split, n, seed, datasets)) for split, n in split_sizes.items()}
     records.write_source(out, name, splits, description=f"synthetic {name} (seed {seed}, scale {scale})")
     sizes = ", ".join(f"{split} {n}" for split, n in split_sizes.items())
     progress(f"synth: {name:<18} {sizes:<22} {time.time() - t0:5.1f}s")
@@ -118,6 +126,8 @@ def build_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: float = 1.
   vocab = spm.SentencePieceProcessor(model_proto=(out / TOKENIZER_FILE).read_bytes()).get_piece_size()
   progress(f"synth: tokenizer          vocab {vocab:<16} {time.time() - t0:5.1f}s")
   summary = {"seed": seed, "scale": scale, "datasets": counts, "tokenizer": TOKENIZER_FILE, "vocab_size": vocab}
+  if ui:
+    summary["ui_size"] = ui_size
   (out / CORPUS_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
   progress(f"synth: wrote {sum(sum(c.values()) for c in counts.values())} records to {out} "
            f"in {time.time() - start:.1f}s")
@@ -150,9 +160,9 @@ def build_video_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: floa
 
 
 def synth_command(args) -> None:
-  """`mm15 data synth --out DIR [--seed N] [--scale X] [--video]`; args: argparse namespace with out, seed, scale
-  (and video)."""
+  """`mm15 data synth --out DIR [--seed N] [--scale X] [--video] [--ui [--ui-size S]]`; args: argparse namespace."""
   if getattr(args, "video", False):
     build_video_corpus(args.out, seed=int(args.seed), scale=float(args.scale))
   else:
-    build_corpus(args.out, seed=int(args.seed), scale=float(args.scale))
+    build_corpus(args.out, seed=int(args.seed), scale=float(args.scale), ui=bool(getattr(args, "ui", False)),
+                 ui_size=getattr(args, "ui_size", "small"))

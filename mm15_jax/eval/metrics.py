@@ -1,8 +1,10 @@
 """Per-sample benchmark metrics, each following its benchmark's official definition. Pure Python.
 
 Every metric maps (prediction text, reference answers) to a score in [0, 1]; `score` dispatches on the metric
-name stored in held-out records ("exact" | "vqa" | "anls" | "relaxed" | "iou" | "mc" | "mme" | "pope"). Scores
-over a whole benchmark (MME's acc+, POPE's F1) are in summaries.py.
+name stored in held-out records ("exact" | "vqa" | "anls" | "relaxed" | "iou" | "mc" | "mme" | "pope"). CIDEr-D
+("cider", UI screen descriptions) weighs n-grams by their frequency over the whole benchmark, so its per-example
+scores come from `corpus_scores`, and range over 0..10. Scores over a whole benchmark (MME's acc+, POPE's F1) are
+in summaries.py.
 """
 from __future__ import annotations
 
@@ -337,6 +339,46 @@ def grounding_accuracy(prediction: str, answers: Sequence[str], iou_threshold: f
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# CIDEr-D (Vedantam et al., 2015) for descriptions: a corpus metric, its n-gram weights come from every reference
+# of the benchmark, so it is computed over a whole benchmark (`corpus_scores`), not one example at a time.
+
+# The punctuation tokens coco-caption's PTBTokenizer drops, as single characters (its "''", "``", "--", "..."
+# are runs of these).
+_CAPTION_PUNCTUATION = frozenset("'`.?!,:-;\"()[]{}")
+_CAPTION_TOKEN = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*|\S")
+
+
+def caption_tokens(text: str) -> str:
+  """Lower-cased words, punctuation dropped: coco-caption's PTBTokenizer step done in Python (it runs Java's
+  Stanford tokenizer), close to it on plain English ("Wi-Fi" stays one word, as in PTB)."""
+  words = _CAPTION_TOKEN.findall(text.lower())
+  return " ".join(w for w in words if not all(ch in _CAPTION_PUNCTUATION for ch in w))
+
+
+def cider_d(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> list[float]:
+  """Per-example CIDEr-D of a benchmark (its mean is the benchmark's CIDEr-D; 0..10, papers print it x100).
+
+  coco-caption's scorer (pycocoevalcap.cider, n-grams 1..4, sigma 6, clipped counts, x10) on `caption_tokens`:
+  document frequencies over the references of all examples, so a benchmark of one example scores 0.
+  """
+  from pycocoevalcap.cider.cider_scorer import CiderScorer
+
+  if len(predictions) != len(answers) or not predictions:
+    raise ValueError(f"cider_d: {len(predictions)} predictions and {len(answers)} reference lists")
+  scorer = CiderScorer(n=4, sigma=6.0)
+  for prediction, refs in zip(predictions, answers):
+    if isinstance(refs, str) or not refs:
+      raise ValueError(f"cider_d needs a non-empty list of references, got {refs!r}")
+    scorer += (caption_tokens(prediction), [caption_tokens(r) for r in refs])
+  _, per_example = scorer.compute_score()
+  return [float(v) for v in per_example]
+
+
+def _corpus_only(prediction: str, answers: Sequence[str]) -> float:
+  raise ValueError("cider is scored over a whole benchmark: use metrics.corpus_scores")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "exact": exact_match,
@@ -347,7 +389,9 @@ METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "mc": multiple_choice_accuracy,
     "mme": mme_accuracy,
     "pope": pope_accuracy,
+    "cider": _corpus_only,
 }
+CORPUS_METRICS = {"cider": cider_d}
 
 
 def score(metric: str, prediction: str, answers: list[str]) -> float:
@@ -367,4 +411,13 @@ def mean_score(metric: str, predictions: Sequence[str], answers: Sequence[Sequen
     raise ValueError(f"{len(predictions)} predictions but {len(answers)} answer lists")
   if not predictions:
     raise ValueError("mean_score of an empty benchmark")
-  return sum(score(metric, p, list(a)) for p, a in zip(predictions, answers)) / len(predictions)
+  return sum(corpus_scores(metric, predictions, answers)) / len(predictions)
+
+
+def corpus_scores(metric: str, predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> list[float]:
+  """Per-example scores of a whole benchmark: `score` of each example, or a corpus metric's (CORPUS_METRICS)."""
+  if metric in CORPUS_METRICS:
+    return CORPUS_METRICS[metric](predictions, [list(a) for a in answers])
+  if len(predictions) != len(answers):
+    raise ValueError(f"{len(predictions)} predictions but {len(answers)} answer lists")
+  return [score(metric, p, list(a)) for p, a in zip(predictions, answers)]

@@ -21,6 +21,7 @@ CATEGORY_BENCHMARKS: dict[str, tuple[str, ...]] = {
     "In-context learning": ("VL-ICL",),
     # MM1.5-Video's multiple-choice video benchmarks (frames as multi-image input).
     "Video": ("Video-MME", "MVBench", "EgoSchema", "NExTQA", "IntentQA", "LongVideoBench"),
+    "UI": (),  # MM1.5-UI: no public benchmark is named by the recipe; evaluated UI benchmarks join here
 }
 # Held-out ("test" split) sets of the synthetic corpus, grouped like the paper's categories.
 HELDOUT_CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -28,6 +29,7 @@ HELDOUT_CATEGORIES: dict[str, tuple[str, ...]] = {
     "Text-rich": ("sft_text_rich",),
     "Refer&Ground": ("sft_refer_ground",),
     "Video": ("video_qa",),
+    "UI": ("ui_ocr", "ui_widget", "ui_icon", "ui_ground", "ui_describe"),
 }
 MMBASE_CATEGORIES = ("General", "Text-rich", "Knowledge")
 

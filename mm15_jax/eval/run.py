@@ -137,11 +137,12 @@ def evaluate_params(model, tokenizer: Tokenizer, data_cfg: DataConfig, *, tile_s
     recs = b.examples(max_examples)
     preds = answer(model, tokenizer, spec, recs, batch_size=batch_size, max_new_tokens=max_new_tokens,
                    n_max=n_max, tile_slots=data_cfg.max_images, where=f"benchmark {b.name}")
-    scores = [metrics.score(b.metric, p, r["answers"]) for p, r in zip(preds, recs)]
+    scores = metrics.corpus_scores(b.metric, preds, [r["answers"] for r in recs])
     summary = summaries.summarize(b.metric, recs, scores, preds)
     blind = blind_answer(b)
     baseline = None if blind is None else summaries.summarize(
-        b.metric, recs, [metrics.score(b.metric, blind, r["answers"]) for r in recs], [blind] * len(recs))["score"]
+        b.metric, recs, metrics.corpus_scores(b.metric, [blind] * len(recs), [r["answers"] for r in recs]),
+        [blind] * len(recs))["score"]
     results[b.name] = {
         "score": float(summary["score"]), "baseline": baseline, "n": len(recs), "metric": b.metric,
         "category": b.category, "blind_answer": blind, "source": str(b.source), "details": summary["details"],

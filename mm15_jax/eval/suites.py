@@ -30,9 +30,9 @@ PAPER_CATEGORIES = tuple(report_lib.CATEGORY_BENCHMARKS)
 # SFT categories (the `category` field of records) -> the paper's evaluation categories. Knowledge gathers science
 # and math; code and text-only data have no evaluation category of their own.
 SFT_TO_PAPER = {"general": "General", "text_rich": "Text-rich", "refer_ground": "Refer&Ground",
-                "science": "Knowledge", "math": "Knowledge", "multi_image": "Multi-image", "video": "Video"}
+                "science": "Knowledge", "math": "Knowledge", "multi_image": "Multi-image", "video": "Video", "ui": "UI"}
 PAPER_TO_SFT = {"General": "general", "Text-rich": "text_rich", "Refer&Ground": "refer_ground",
-                "Multi-image": "multi_image", "Video": "video"}
+                "Multi-image": "multi_image", "Video": "video", "UI": "ui"}
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 

@@ -5,6 +5,7 @@ category averages use; details hold the numbers the benchmark's own tables repor
   - every metric: per "subset" means when the records carry one (a subtask, a split);
   - mme: per subtask acc and acc+ (percent) and their sum, the perception / cognition / total sums (MME's
     eval_tool/calculation.py; a subtask scores at most 200); the score is total / (200 x subtasks present);
+  - anls: the exact-match rate beside it ("exact");
   - pope: per split accuracy, precision, recall, F1 and yes-ratio, "yes" being the positive class (POPE's
     evaluate.py); the score is the mean F1 over the splits.
 """
@@ -84,4 +85,8 @@ def summarize(metric: str, records: Sequence[dict], scores: Sequence[float], pre
     return mme_summary(records, scores)
   if metric == "pope":
     return pope_summary(records, predictions)
-  return mean_summary(records, scores)
+  summary = mean_summary(records, scores)
+  if metric == "anls":  # element OCR reports exact match beside ANLS
+    summary["details"]["exact"] = sum(
+        metrics.exact_match(p, r["answers"]) for p, r in zip(predictions, records)) / len(records)
+  return summary
