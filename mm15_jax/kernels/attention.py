@@ -40,9 +40,13 @@ def check_impl(impl: str) -> str:
 
 def resolve(impl: str, platform: str | None = None) -> str:
   """The kernel `impl` means on `platform` (default: the active mesh's): "auto" picks the platform's own."""
-  if check_impl(impl) != "auto":
-    return impl
-  return AUTO.get(platform or layers.mesh_platform(), "dense")
+  platform = platform or layers.mesh_platform()
+  if check_impl(impl) == "auto":
+    return AUTO.get(platform, "dense")
+  if impl == "cudnn" and AUTO.get(platform) != "cudnn":
+    raise ValueError(f"config key model.attention='cudnn' needs a GPU; this program is built for {platform} "
+                     f"(use auto, dense or blocked)")
+  return impl
 
 
 def segment_causal_mask(segment_ids_BT):
