@@ -13,6 +13,7 @@
   mm15 convert-hf --vision DIR --decoder DIR --out CKPT
                                                    Hugging Face CLIP + LLM safetensors -> a stage-1 checkpoint
   mm15 aot --config NAME --topology v5p:4x4x4    compile the train step for a TPU slice: per-chip memory, FLOPs
+                                                   collective bytes, a roofline estimate; --hlo FILE: the HLO
   mm15 params --model NAME                         parameter counts, without allocating weights
   mm15 config --config NAME                        the resolved experiment as JSON
 """
@@ -87,7 +88,7 @@ def cmd_aot(a):
   exp = load_experiment(a.config, a.arg, a.set)
   try:
     aot.command(exp, a.stage.split(",") if a.stage else [], a.topology, a.num_slices, a.json,
-                overrides=tuple(a.set or ()), fit=a.fit)
+                overrides=tuple(a.set or ()), fit=a.fit, hlo_path=a.hlo)
   except (RuntimeError, ValueError) as e:
     raise SystemExit(f"mm15 aot: {e}") from e
 
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None):
   p.add_argument("--json", default="", help="append each report to this file as a JSON line")
   p.add_argument("--fit", default="", choices=["", "grad_accum", "remat"],
                  help="per stage, compile this knob's settings in order until one fits the chip's HBM")
+  p.add_argument("--hlo", default="", help="write the compiled HLO text here (FILE.<stage> for several stages)")
   p.set_defaults(fn=cmd_aot)
 
   p = sub.add_parser("eval", help="evaluate a checkpoint on benchmarks; `mm15 eval import` converts benchmarks")
