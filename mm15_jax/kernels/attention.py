@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from mm15_jax.models import layers
 
 IMPLS = ("auto", "dense", "blocked", "splash", "cudnn")
-AUTO = {"cpu": "blocked", "tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "rocm": "cudnn"}
+AUTO = {"cpu": "blocked", "tpu": "splash", "gpu": "cudnn"}
 CAUSAL_BLOCK = 128       # query / key block of the blocked causal attention ...
 MAX_CAUSAL_BLOCKS = 16   # ... grown for long rows so that a layer traces at most this many blocks
 NEG_INF = float(jnp.finfo(jnp.float32).min)
