@@ -47,6 +47,10 @@ def test_estimate_is_the_slowest_resource():
   assert "ESTIMATE on v5p" in lines and "2000.0 ms per step, HBM-bound" in lines and "MFU this estimate implies: 25.0%" in lines
   unknown = roofline.report_lines(device_kind="cpu", flops=1.0, hbm_bytes=1.0, collectives={}, model_flops=1.0)
   assert "no chip figures for 'cpu'" in unknown[-1]
+  scanned = roofline.report_lines(device_kind="TPU v5p", flops=1.0, hbm_bytes=1.0, collectives={"all-reduce": 8},
+                                  model_flops=1.0, scanned_layers=True)
+  assert "counted once" in scanned[0] and "--set model.scan_layers=false" in scanned[-1]
+  assert not any("ESTIMATE" in line for line in scanned)
 
 
 def test_aot_hlo_of_expert_parallel_step_has_all_to_all(tmp_path):

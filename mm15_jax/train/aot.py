@@ -223,7 +223,8 @@ def format_report(r: AotReport) -> str:
     if r.scanned_layers:
       lines.append("    (XLA counts each scanned layer stack once: --set model.scan_layers=false for the full count)")
     lines += roofline.report_lines(device_kind=r.device_kind, flops=r.flops, hbm_bytes=r.bytes_accessed,
-                                   collectives=r.collective_bytes, model_flops=r.model_flops)
+                                   collectives=r.collective_bytes, model_flops=r.model_flops,
+                                   scanned_layers=r.scanned_layers)
   lines.append(f"  compiled in {r.compile_s:.0f} s")
   return "\n".join(lines)
 

@@ -13,8 +13,8 @@ devices with an operand of S bytes per device):
 (A collective inside a while loop, a scanned layer stack's, is counted once, as XLA's cost analysis counts it.)
 
 The implied MFU is the model FLOPs (train/flops.py: matmuls only, no rematerialisation) over the estimated time at
-the chip's peak. XLA counts a scanned layer stack's loop body once, for FLOPs, bytes and collectives alike:
-compile with model.scan_layers=false for whole-step figures.
+the chip's peak. XLA counts a scanned layer stack's loop body once, for FLOPs, bytes and collectives alike, so the
+estimate is only made for programs compiled with model.scan_layers=false (the collectives are listed either way).
 """
 from __future__ import annotations
 
@@ -137,11 +137,15 @@ def chip_table() -> str:
 
 
 def report_lines(*, device_kind: str, flops: float, hbm_bytes: float, collectives: dict[str, int],
-                 model_flops: float) -> list[str]:
+                 model_flops: float, scanned_layers: bool = False) -> list[str]:
   """The AOT report's collective and roofline lines."""
   mib = lambda n: f"{n / (1 << 20):.1f} MiB"
   moved = ", ".join(f"{k} {mib(v)}" for k, v in collectives.items()) or "none"
-  lines = [f"  collectives per step, bytes sent per device: {moved}"]
+  once = " (a scanned layer stack's counted once)" if scanned_layers else ""
+  lines = [f"  collectives per step, bytes sent per device{once}: {moved}"]
+  if scanned_layers:
+    return lines + ["  roofline estimate: not made for scanned layers (XLA counts the stack's body once): "
+                    "--set model.scan_layers=false"]
   chip = chip_of(device_kind)
   if chip is None or not (math.isfinite(flops) and math.isfinite(hbm_bytes)):
     return lines + [f"  roofline estimate: no chip figures for {device_kind!r} (TPU kinds: "
