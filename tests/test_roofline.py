@@ -14,7 +14,7 @@ HLO = """
   %ar = (bf16[128]{0}, f32[4]{0}) all-reduce-start(bf16[128]{0} %a, f32[4]{0} %b), replica_groups={{0,1},{2,3}}
   %ard = (bf16[128]{0}, f32[4]{0}) all-reduce-done((bf16[128]{0}, f32[4]{0}) %ar)
   %all_to_all.7 = f32[4,64,128]{2,1,0:T(8,128)S(1)} all-to-all(%bitcast.2), replica_groups={{0,1,2,3},{4,5,6,7}}
-  %all-reduce.3 = f32[128,256]{1,0:T(8,128)} all-reduce(%fusion.35), replica_groups=mesh['axis_0'=8,'axis_1'=1] {'axis_0','axis_1'}, to_apply=%add
+  %ar3 = f32[128,256]{1,0:T(8,128)} all-reduce(%f.35), replica_groups=mesh['axis_0'=8,'axis_1'=1] {'axis_0','axis_1'}
   %rs = bf16[16,32]{1,0} reduce-scatter(bf16[64,32]{1,0} %x), replica_groups={}, dimensions={0}
   %cp = s32[10]{0} collective-permute(s32[10]{0} %y), source_target_pairs={{0,1},{1,0}}
   %gte = f32[8]{0} get-tuple-element(%all-reduce.154), index=2, metadata={op_name="shard_map/all_to_all"}
@@ -44,7 +44,8 @@ def test_estimate_is_the_slowest_resource():
     assert row in table
   lines = "\n".join(roofline.report_lines(device_kind="TPU v5p", flops=459e12, hbm_bytes=2765e9 * 2,
                                           collectives={"all-to-all": int(300e9)}, model_flops=459e12 / 2))
-  assert "ESTIMATE on v5p" in lines and "2000.0 ms per step, HBM-bound" in lines and "MFU this estimate implies: 25.0%" in lines
+  assert "ESTIMATE on v5p" in lines and "2000.0 ms per step, HBM-bound" in lines
+  assert "MFU this estimate implies: 25.0%" in lines
   unknown = roofline.report_lines(device_kind="cpu", flops=1.0, hbm_bytes=1.0, collectives={}, model_flops=1.0)
   assert "no chip figures for 'cpu'" in unknown[-1]
   scanned = roofline.report_lines(device_kind="TPU v5p", flops=1.0, hbm_bytes=1.0, collectives={"all-reduce": 8},
