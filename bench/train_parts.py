@@ -118,7 +118,7 @@ def layer_pair(cfg: DecoderConfig, llama, b: int, t: int) -> dict[str, Callable[
   x = jax.random.normal(jax.random.key(0), (b, t, cfg.d_model))
   positions = jnp.tile(jnp.arange(t, dtype=jnp.int32), (b, 1))
   segments = jnp.ones((b, t), jnp.int32)
-  apply = lambda m, x: m(x, positions, decoder_lib.segment_causal_mask(segments), segments != 0)[0]
+  apply = lambda m, x: m(x, positions, segments, decoder_lib.segment_causal_mask(segments))[0]
   theirs = LlamaDecoderLayer(llama, layer_idx=0).train()
   tx = torch.from_numpy(np.array(x)).requires_grad_()
   tpos = torch.from_numpy(np.array(positions, np.int64))

@@ -16,7 +16,7 @@ Connectors differ by design: ours is the C-Abstractor (RegNet stages; pooled_sid
 adaptive pooling keeps every position), LLaVA's a 2-layer MLP over the patch tokens. Both give the decoder
 (image_size / patch_size)^2 tokens per image from the last ViT block (LLaVA: vision_feature_layer=-1, class token
 dropped), so the decoders see identical sequences; parameter counts and analytic FLOPs of each side are reported.
-Attention: ours is the decoder's causal attention ("auto": blocked on CPU, see mm15_jax.models.decoder), LLaVA's
+Attention: ours is the decoder's causal attention ("auto": blocked on CPU, see mm15_jax.kernels.attention), LLaVA's
 the transformers default (sdpa: torch's fused CPU kernel).
 
 Timing, built for a shared, loaded host: rounds of one full step each (forward + backward + update; JAX, torch, and
@@ -50,6 +50,7 @@ from mm15_jax.config import (ConnectorConfig, DecoderConfig, Experiment, MeshCon
                              StageConfig, VisionConfig)
 from mm15_jax.data.batch import Batch  # noqa: E402
 from mm15_jax.models import count as count_lib  # noqa: E402
+from mm15_jax.kernels import attention as attention_lib  # noqa: E402
 from mm15_jax.models import decoder as decoder_lib  # noqa: E402
 from mm15_jax.models.multimodal import CLIP_MEAN, CLIP_STD  # noqa: E402
 from mm15_jax.train import flops as flops_lib  # noqa: E402
@@ -292,12 +293,11 @@ def run(*, steps: int, quick: bool, attention: str = "auto", compiler_options: d
   matmul_side = 256 if quick else MATMUL_SIDE
   batch = make_batch(cfg, shapes)
   load_before = os.getloadavg()[0]
-  ours = JaxTrainer(cfg, batch, compiler_options=compiler_options)
+  ours = JaxTrainer(dataclasses.replace(cfg, attention=attention), batch, compiler_options=compiler_options)
   theirs = TorchTrainer(cfg, shapes, batch, attn_implementation=torch_attn)
   before = {"ours": ours.params_numpy(), "torch": theirs.params_numpy()}
   start = time.perf_counter()
-  with decoder_lib.attention_impl(attention):  # read while the step is traced: its first call
-    first_loss = {"ours": ours.step()}
+  first_loss = {"ours": ours.step()}
   first_loss["torch"] = theirs.step()
   first_steps_s = time.perf_counter() - start  # our compile + both sides' first step
   unchanged = {"ours": _unchanged(before["ours"], ours.params_numpy()),
@@ -305,9 +305,8 @@ def run(*, steps: int, quick: bool, attention: str = "auto", compiler_options: d
   del before
   steppers = {"ours": ours.step, "torch": theirs.step}
   if with_dense:
-    dense = JaxTrainer(cfg, batch, compiler_options=compiler_options)
-    with decoder_lib.attention_impl("dense"):
-      first_loss["ours_dense"] = dense.step()
+    dense = JaxTrainer(dataclasses.replace(cfg, attention="dense"), batch, compiler_options=compiler_options)
+    first_loss["ours_dense"] = dense.step()
     steppers["ours_dense"] = dense.step
   times = time_interleaved({**steppers, **matmul_fns(matmul_side, dtype)}, steps, warmup=0)
   last_loss = {k: fn() for k, fn in steppers.items()}
@@ -356,7 +355,7 @@ def run(*, steps: int, quick: bool, attention: str = "auto", compiler_options: d
 
 
 def _our_attention(attention: str, seq_len: int) -> str:
-  impl = decoder_lib.resolve_attention_impl(attention, "cpu")
+  impl = attention_lib.resolve(attention, "cpu")
   return "dense (one block)" if impl == "blocked" and seq_len <= decoder_lib.CAUSAL_BLOCK else impl
 
 
@@ -410,7 +409,7 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=5, help="timed steps per side (after one untimed step)")
   parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-  parser.add_argument("--attention", default="auto", choices=decoder_lib.ATTENTION_IMPLS,
+  parser.add_argument("--attention", default="auto", choices=attention_lib.IMPLS,
                       help="our decoder's attention implementation")
   parser.add_argument("--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="LLaVA's attention")
   parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: every core)")

@@ -21,6 +21,7 @@
   mm15 export-hf --checkpoint DIR --tokenizer F --out DIR
                                                    transformers model (remote code) + the decoder as a standard LLM
   mm15 aot --config NAME --topology v5p:4x4x4    compile the train step for a TPU slice: per-chip memory, FLOPs
+                                                   collective bytes, a roofline estimate; --hlo FILE: the HLO
   mm15 params --model NAME                         parameter counts, without allocating weights
   mm15 config --config NAME                        the resolved experiment as JSON
 
@@ -77,7 +78,7 @@ def load_experiment(name: str, args: list[str] | None = None, overrides: list[st
       raise errors.UserError(f"--arg {unknown[0]}: get_config() of --config {name} takes {sorted(accepted)}")
   try:
     exp = module.get_config(**kwargs)
-X
+  except ValueError as e:  # the config's own check of its arguments, or a removed key
     raise errors.UserError(f"--config {name}: {e.args[0] if e.args else e}") from e
   try:
     exp = config_lib.override(exp, overrides or [])
@@ -121,7 +122,7 @@ def cmd_aot(a):
   exp = load_experiment(a.config, a.arg, a.set)
   try:
     aot.command(exp, a.stage.split(",") if a.stage else [], a.topology, a.num_slices, a.json,
-                overrides=tuple(a.set or ()), fit=a.fit)
+                overrides=tuple(a.set or ()), fit=a.fit, hlo_path=a.hlo)
   except (RuntimeError, ValueError) as e:
     raise SystemExit(f"mm15 aot: {e}") from e
 
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None):
   p.add_argument("--json", default="", help="append each report to this file as a JSON line")
   p.add_argument("--fit", default="", choices=["", "grad_accum", "remat"],
                  help="per stage, compile this knob's settings in order until one fits the chip's HBM")
+  p.add_argument("--hlo", default="", help="write the compiled HLO text here (FILE.<stage> for several stages)")
   p.set_defaults(fn=cmd_aot)
 
   p = sub.add_parser("eval", help="evaluate a checkpoint on benchmarks; `mm15 eval import` converts benchmarks")

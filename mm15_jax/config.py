@@ -50,6 +50,9 @@ class MoEConfig:
   grouped_matmul: str = "auto"   # dropless kernel: "ragged" (ragged_dot), "blocked", "auto" (blocked on CPU)
   norm_topk: bool = True         # renormalise the top-k router probabilities (False: as they are, Qwen2-MoE's option)
   shared_expert_dim: int = 0     # >0: a sigmoid-gated shared SwiGLU expert of this width beside the routed ones
+  # Dropless with mesh.expert > 1 (kernels/expert_parallel.py): rows one device sends another per layer, as a
+  # multiple of its assignments / expert; 0: all of them (nothing dropped); f > 0: overflow dropped, in moe_drop_rate.
+  ep_capacity_factor: float = 0.0
 
 
 @dataclasses.dataclass
@@ -92,6 +95,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"            # "none" | "full" | "dots": rematerialisation of decoder/ViT blocks
   scan_layers: bool = True       # False: an unrolled loop (compile time grows with depth; 7% faster on CPU at depth 4)
+  # Attention kernel (mm15_jax.kernels.attention): "auto" (blocked on CPU, splash on TPU, cudnn on GPU), "dense",
+  # "blocked" (CPU, causal), "splash" (TPU Pallas; interpret mode elsewhere), "cudnn" (GPU).
+  attention: str = "auto"
   # Training loss: the LM head and cross-entropy run `loss_chunk` positions at a time over each row's loss tokens
   # (moved to the front), skipping chunks that hold none (image placeholders, prompts, padding). 0: all at once.
   loss_chunk: int = 256

@@ -8,6 +8,7 @@ import pytest
 
 from fixtures import compilation_cache, flat, mesh_of, tiny_model  # noqa: F401 (fixture)
 from mm15_jax import config as config_lib
+from mm15_jax import sharding
 from mm15_jax.config import MeshConfig, ModelConfig, StageConfig
 from mm15_jax.train import checkpoint as ckpt_lib
 from mm15_jax.train import optim
@@ -22,7 +23,7 @@ def random_state(mesh, seed: int) -> TrainState:
   """A TrainState of the tiny model on `mesh` with every array random (no init compile; every bit matters)."""
   rng = np.random.default_rng(seed)
   _, params, _ = state_lib.abstract_model(MODEL)
-  shardings = state_lib.param_shardings(params, mesh)
+  shardings = sharding.param_shardings(params, mesh)
   params = jax.tree.map(lambda x, s: jax.device_put(rng.normal(size=x.shape).astype(x.dtype), s), params, shardings)
   tx = optim.make_optimizer(STAGE, params)
   state = state_lib.new_train_state(params, tx, mesh)

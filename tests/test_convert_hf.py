@@ -46,7 +46,7 @@ def restore(out_dir, mesh=None):
   meta = checkpoint.read_meta(out_dir)
   cfg = dataclasses.replace(from_dict(ModelConfig, meta["model"]), dtype="float32")
   graphdef, like, rest = state_lib.abstract_model(cfg)
-  shardings = state_lib.param_shardings(like, mesh or mesh_of(1))
+  shardings = sharding.param_shardings(like, mesh or mesh_of(1))
   like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
   nnx.replace_by_pure_dict(like, checkpoint.restore_params(out_dir, like))
   rest = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), rest)

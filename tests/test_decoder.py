@@ -9,6 +9,7 @@ from flax import nnx
 from fixtures import dot_operand_types, mesh_of
 from mm15_jax import sharding
 from mm15_jax.config import DecoderConfig, MeshConfig, MoEConfig
+from mm15_jax.kernels import attention as attention_lib
 from mm15_jax.models import decoder as dec
 
 
@@ -234,23 +235,20 @@ def test_decoder_blocked_matches_dense():
   """A packed row longer than CAUSAL_BLOCK through the whole decoder: logits and parameter gradients."""
   t = dec.CAUSAL_BLOCK + 72  # blocks of 128 and 72 tokens
   cfg = DecoderConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=64, max_len=t)
-  model = dec.Decoder(cfg, dtype="float32", rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(1), (2, t), 0, 64)
   lengths = (90, 70, 30)  # the second segment straddles the block boundary; 10 padding tokens
   seg = jnp.stack([packed_segments(lengths, t), packed_segments([t], t)])
   pos = jnp.stack([jnp.concatenate([jnp.arange(n) for n in lengths] + [jnp.zeros(t - sum(lengths), int)]),
                    jnp.arange(t)]).astype(jnp.int32)
-  graphdef, params = nnx.split(model)
 
-  def loss(p):
-    m = nnx.merge(graphdef, p)
+  def loss(m):
     logits, _, _ = m(m.embed(tokens), seg, pos)
     return (logits * jnp.sin(jnp.arange(64.0))).mean(), logits
 
   results = {}
   for impl in ("dense", "blocked"):
-    with dec.attention_impl(impl):  # read while tracing
-      results[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    model = dec.Decoder(cfg, dtype="float32", attention=impl, rngs=nnx.Rngs(0))  # the same parameters
+    results[impl] = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
   (_, got), got_grads = results["blocked"]
   (_, want), want_grads = results["dense"]
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
@@ -259,16 +257,14 @@ def test_decoder_blocked_matches_dense():
 
 
 def test_attention_impl_selection():
-  assert dec.resolve_attention_impl("auto", "cpu") == "blocked"
-  assert dec.resolve_attention_impl("auto", "tpu") == dec.resolve_attention_impl("auto", "gpu") == "dense"
-  assert dec.resolve_attention_impl("dense", "cpu") == "dense"
-  assert dec.resolve_attention_impl("blocked", "tpu") == "blocked"
-  with dec.attention_impl("dense"):
-    assert dec.resolve_attention_impl() == "dense"
-  with dec.attention_impl("auto"):
-    assert dec.resolve_attention_impl() == "blocked"  # the default backend here is CPU
-    with sharding.use_mesh(mesh_of(MeshConfig(data=-1))):  # the mesh's devices decide (CPU ones here)
-      assert dec.resolve_attention_impl() == "blocked"
-  with pytest.raises(ValueError, match="flash"):
-    with dec.attention_impl("flash"):
-      pass
+  assert attention_lib.resolve("auto", "cpu") == "blocked"
+  assert attention_lib.resolve("auto", "tpu") == "splash"
+  assert attention_lib.resolve("auto", "gpu") == "cudnn"
+  assert attention_lib.resolve("dense", "cpu") == "dense"
+  assert attention_lib.resolve("blocked", "tpu") == "blocked"
+  assert attention_lib.resolve("auto") == "blocked"  # the default backend here is CPU
+  with sharding.use_mesh(mesh_of(MeshConfig(data=-1))):  # the mesh's devices decide (CPU ones here)
+    assert attention_lib.resolve("auto") == "blocked"
+  with pytest.raises(ValueError, match="model.attention='flash'"):
+    dec.Decoder(DecoderConfig(vocab_size=8, d_model=8, num_layers=1, num_heads=2, num_kv_heads=1, ffn_dim=8),
+                attention="flash", rngs=nnx.Rngs(0))

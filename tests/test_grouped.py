@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mm15_jax.models.grouped import grouped_matmul, resolve_impl
+from mm15_jax.kernels.grouped import grouped_matmul, resolve_impl
 
 
 def _reference(x, w, sizes):

@@ -179,7 +179,7 @@ def import_params(cfg: ModelConfig, vision_store, decoder_store, mesh: Mesh, *, 
   is None leaves its part (vision or decoder) to the model's initialiser."""
   _, abstract, _ = state_lib.abstract_model(cfg, seed)
   shardings = {p: v.get_value() if isinstance(v, nnx.Variable) else v
-               for p, v in nnx.to_flat_state(state_lib.param_shardings(abstract, mesh))}
+               for p, v in nnx.to_flat_state(sharding.param_shardings(abstract, mesh))}
   targets = dict(nnx.to_flat_state(abstract))
   sources = {}
   if vision_store is not None:

@@ -7,37 +7,29 @@ identical numerics when model.scan_layers is False).
 Attention mask for packed rows: a token attends to earlier-or-same positions of its own segment (segment_ids equal);
 padding (segment 0) attends only to padding, so every row of the softmax is finite.
 
-Causal attention runs "dense" (scores over the whole [T, T] square, masked) or "blocked" (queries in blocks of
-CAUSAL_BLOCK, each against the keys up to the end of its own block: the all-masked blocks above the diagonal are never
-computed; head-major layout and a hand-written backward keep XLA:CPU from transposing the scores). Both give the same
-values and gradients up to float rounding. "auto" (the default; env MM15_ATTENTION or the `attention_impl` context
-select another) picks blocked on CPU, where dense attention cost more than all other matmuls of a layer at T = 1024
-(blocked: ~3x faster attention forward + backward, ~1.25x faster train step; bench/train_step.py), and dense
-elsewhere. The platform is that of the active mesh's devices (an ahead-of-time compile for TPU on a CPU host gets
-dense), else the default backend.
+Causal attention runs the kernel `model.attention` selects (mm15_jax.kernels.attention: blocked on CPU, splash
+on TPU, cuDNN on GPU by default); decode steps attend densely to the cache.
 
 KV cache (generation): {"k", "v": [units, every, B, S, kv_heads, head_dim], "valid": [B, S] bool,
 "index": [B] int32 next write slot}. `prefill` fills it from a right-padded prompt, `decode` appends one token.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mm15_jax.config import DecoderConfig, RopeScaling
+from mm15_jax.kernels import attention as attention_lib
+from mm15_jax.kernels.attention import CAUSAL_BLOCK, attend, segment_causal_mask  # noqa: F401 (the decoder's API)
 from mm15_jax.models import layers
 from mm15_jax.models.moe import MoEFeedForward
 from mm15_jax.sharding import constrain
 
 ACT = ("batch", "length", "embed")
-NEG_INF = float(jnp.finfo(jnp.float32).min)
 AUX_KEYS = ("moe_load_balance_loss", "moe_z_loss", "moe_drop_rate")
 
 
@@ -78,136 +70,15 @@ def rope(x_BTHK, positions_BT, theta: float, scaling: RopeScaling | None = None)
   return x_BTHK * cos + rotated * sin
 
 
-ATTENTION_IMPLS = ("auto", "dense", "blocked")
-CAUSAL_BLOCK = 128       # query / key block of the blocked causal attention ...
-MAX_CAUSAL_BLOCKS = 16   # ... grown for long rows so that a layer traces at most this many blocks
-_attention = {"impl": os.environ.get("MM15_ATTENTION", "auto")}
-
-
-@contextlib.contextmanager
-def attention_impl(impl: str):
-  """Causal attention implementation ("auto", "dense", "blocked") for models traced inside this block; a function
-  jitted and traced before keeps the implementation it was traced with."""
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention implementation {impl!r} is not one of {ATTENTION_IMPLS}")
-  prev, _attention["impl"] = _attention["impl"], impl
-  try:
-    yield
-  finally:
-    _attention["impl"] = prev
-
-
-def resolve_attention_impl(impl: str | None = None, platform: str | None = None) -> str:
-  """The implementation, "dense" or "blocked", that `impl` (default: the selected one) means on `platform` (default:
-  the active mesh's)."""
-  impl = impl or _attention["impl"]
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention implementation {impl!r} (env MM15_ATTENTION) is not one of {ATTENTION_IMPLS}")
-  if impl != "auto":
-    return impl
-  return "blocked" if (platform or layers.mesh_platform()) == "cpu" else "dense"
-
-
-def attend(q_BTHK, k_BSGK, v_BSGK, mask_BTS, dtype, *, causal: bool = False, impl: str | None = None,
-           block: int = CAUSAL_BLOCK):
-  """Grouped-query attention; query head h uses kv head h // (H / G) (HF repeat_kv order). Softmax in float32.
-
-  causal=True promises that mask_BTS hides every key after its query (as segment_causal_mask does): the blocked
-  implementation (see the module docstring) may then skip the key blocks above the diagonal.
-  """
-  t, s = q_BTHK.shape[1], k_BSGK.shape[1]
-  block = max(block, -(-t // MAX_CAUSAL_BLOCKS))
-  if causal and t == s and t > block and resolve_attention_impl(impl) == "blocked":
-    return _attend_causal_blocked(q_BTHK, k_BSGK, v_BSGK, mask_BTS, dtype, block)
-  return _attend_dense(q_BTHK, k_BSGK, v_BSGK, mask_BTS, dtype)
-
-
-def _attend_dense(q_BTHK, k_BSGK, v_BSGK, mask_BTS, dtype):
-  b, t, h, hd = q_BTHK.shape
-  g = k_BSGK.shape[2]
-  q_BTGRK = q_BTHK.reshape(b, t, g, h // g, hd)
-  logits = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK, preferred_element_type=jnp.float32) * hd ** -0.5
-  logits = jnp.where(mask_BTS[:, None, None], logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BSGK)
-  return out.reshape(b, t, h, hd)
-
-
-def _attend_causal_blocked(q_BTHK, k_BSGK, v_BSGK, mask_BTS, dtype, block: int):
-  """Queries [lo, hi) attend to keys [0, hi): the dense computation less the all-masked keys after the block.
-
-  Head-major layout ([B, G, R, T, K], R = H / G) so that every score matmul, forward and backward, is a plain batched
-  matmul: the [T, S] scores are never transposed (XLA:CPU copies a transposed operand before its matmul).
-  """
-  b, t, h, hd = q_BTHK.shape
-  g = k_BSGK.shape[2]
-  q_BGRTK = q_BTHK.reshape(b, t, g, h // g, hd).transpose(0, 2, 3, 1, 4)
-  k_BGSK, v_BGSK = k_BSGK.transpose(0, 2, 1, 3), v_BSGK.transpose(0, 2, 1, 3)
-  outs = []
-  for lo in range(0, t, block):
-    hi = min(lo + block, t)
-    outs.append(_block_attention(q_BGRTK[:, :, :, lo:hi], k_BGSK[:, :, :hi], v_BGSK[:, :, :hi],
-                                 mask_BTS[:, None, None, lo:hi, :hi], dtype))
-  return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
-
-
-def _block_forward(q_BGRTK, k_BGSK, v_BGSK, mask_B11TS, dtype):
-  """-> (output, unnormalised weights exp(score - row max), their row sums). The weights are 0 where masked (every
-  query sees at least its own key) and the output is divided by the sums after the value product: one pass over the
-  [T, S] scores fewer than normalising them, and the backward needs no mask."""
-  logits = jnp.einsum("bgrtk,bgsk->bgrts", q_BGRTK, k_BGSK, preferred_element_type=jnp.float32)
-  logits = jnp.where(mask_B11TS, logits * q_BGRTK.shape[-1] ** -0.5, NEG_INF)
-  weights = jnp.exp(logits - logits.max(-1, keepdims=True))
-  sums = weights.sum(-1, keepdims=True)
-  out = jnp.einsum("bgrts,bgsk->bgrtk", weights.astype(dtype), v_BGSK, preferred_element_type=jnp.float32) / sums
-  return out.astype(dtype), weights, sums
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _block_attention(q_BGRTK, k_BGSK, v_BGSK, mask_B11TS, dtype):
-  """Attention of one query block (scores in float32, weighted values in `dtype`), with a hand-written backward."""
-  return _block_forward(q_BGRTK, k_BGSK, v_BGSK, mask_B11TS, dtype)[0]
-
-
-def _block_attention_fwd(q_BGRTK, k_BGSK, v_BGSK, mask_B11TS, dtype):
-  out, weights, sums = _block_forward(q_BGRTK, k_BGSK, v_BGSK, mask_B11TS, dtype)
-  return out, (q_BGRTK, k_BGSK, v_BGSK, weights, sums, out)
-
-
-def _block_attention_bwd(dt, res, d_out_BGRTK):
-  """Softmax backward dS = P * (dP - rowsum(dP * P)) with P = W / sums and rowsum(dP * P) = dO . O, both sides
-  divided by the sums through dO / sums (a [T, K] product, not [T, S]). The key-side gradients as [B, G, K, S]
-  products transposed afterwards, so the scores enter every matmul untransposed."""
-  q, k, v, weights, sums, out = res
-  f32 = jnp.float32
-  d_out_s = d_out_BGRTK.astype(f32) / sums
-  row_s = (d_out_s * out.astype(f32)).sum(-1, keepdims=True)
-  d_weights = jnp.einsum("bgrtk,bgsk->bgrts", d_out_s.astype(dt), v, preferred_element_type=f32)
-  d_logits = (weights * (d_weights - row_s) * q.shape[-1] ** -0.5).astype(dt)
-  dq = jnp.einsum("bgrts,bgsk->bgrtk", d_logits, k, preferred_element_type=f32).astype(q.dtype)
-  dk = jnp.einsum("bgrtk,bgrts->bgks", q, d_logits).swapaxes(-1, -2).astype(k.dtype)
-  dv = jnp.einsum("bgrtk,bgrts->bgks", d_out_s.astype(dt), weights.astype(dt)).swapaxes(-1, -2).astype(v.dtype)
-  return dq, dk, dv, None
-
-
-_block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
-
-
 def head_logits(x_BTD, w_DV):
   """Final-normed hidden states -> logits [B, T, V] float32."""
   out = layers.project(x_BTD, w_DV, preferred_element_type=jnp.float32)
   return constrain(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
-def segment_causal_mask(segment_ids_BT):
-  t = segment_ids_BT.shape[1]
-  same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-  return same & jnp.tril(jnp.ones((t, t), bool))[None]
-
-
 class Attention(nnx.Module):
 
-  def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, attention: str = "auto", rngs: nnx.Rngs):
     d, h, g = cfg.d_model, cfg.num_heads, cfg.num_kv_heads
     hd = cfg.head_dim or d // h
     if h % g:
@@ -225,7 +96,7 @@ class Attention(nnx.Module):
     self.theta = cfg.rope_theta
     # A tuple, not the config object: the graphdef (a static jit argument) must stay hashable.
     self.rope_scaling = None if cfg.rope_scaling is None else dataclasses.astuple(cfg.rope_scaling)
-    self.dtype = dtype
+    self.dtype, self.attention = dtype, attention
 
   def qkv(self, x_BTD, positions_BT):
     dt = self.dtype
@@ -242,10 +113,12 @@ class Attention(nnx.Module):
   def out(self, o_BTHK):
     return layers.project(o_BTHK, self.o[...].astype(self.dtype), n_contract=2)
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS, *, causal: bool = False):
-    """Self-attention over the given tokens; also returns (k, v) for a cache. causal: see `attend`."""
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, mask_BTS=None):
+    """Causal self-attention of packed rows; also returns (k, v) for a cache. mask_BTS: segment_causal_mask of
+    segment_ids_BT (built once for all layers; None for kernels that take the ids)."""
     q, k, v = self.qkv(x_BTD, positions_BT)
-    return self.out(attend(q, k, v, mask_BTS, self.dtype, causal=causal)), (k, v)
+    out = attention_lib.causal_attention(q, k, v, segment_ids_BT, self.dtype, impl=self.attention, mask_BTS=mask_BTS)
+    return self.out(out), (k, v)
 
   def decode(self, x_B1D, positions_B1, cache_kv, valid_BS, index_B):
     """One new token per row: writes its k/v at slot index_B, attends to the valid slots."""
@@ -258,10 +131,11 @@ class Attention(nnx.Module):
 
 class DecoderBlock(nnx.Module):
 
-  def __init__(self, cfg: DecoderConfig, *, use_moe: bool, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: DecoderConfig, *, use_moe: bool, dtype, param_dtype, attention: str = "auto",
+               rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_eps, **kw)
-    self.attn = Attention(cfg, **kw)
+    self.attn = Attention(cfg, attention=attention, **kw)
     self.ffn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_eps, **kw)
     self.use_moe = use_moe
     if use_moe:
@@ -277,11 +151,11 @@ class DecoderBlock(nnx.Module):
       y, aux = self.ffn(h), {k: jnp.zeros((), jnp.float32) for k in AUX_KEYS}
     return constrain(x_BTD + y, ACT), aux
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS, token_mask_BT):
-    """mask_BTS: a causal mask (segment_causal_mask), as the decoder builds it."""
-    a, kv = self.attn(self.attn_norm(x_BTD), positions_BT, mask_BTS, causal=True)
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, mask_BTS):
+    """mask_BTS: segment_causal_mask(segment_ids_BT) as the decoder builds it, or None (see Attention)."""
+    a, kv = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, mask_BTS)
     x_BTD = constrain(x_BTD + a, ACT)
-    x_BTD, aux = self._ffn(x_BTD, token_mask_BT)
+    x_BTD, aux = self._ffn(x_BTD, segment_ids_BT != 0)
     return x_BTD, aux, kv
 
   def decode(self, x_B1D, positions_B1, cache_kv, valid_BS, index_B):
@@ -293,16 +167,16 @@ class DecoderBlock(nnx.Module):
 class DecoderUnit(nnx.Module):
   """`every` consecutive layers; the last one has the MoE FFN when the config has MoE."""
 
-  def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, attention: str = "auto", rngs: nnx.Rngs):
     n = cfg.moe.every if cfg.moe is not None else 1
     self.blocks = nnx.List([
         DecoderBlock(cfg, use_moe=cfg.moe is not None and i == n - 1, dtype=dtype, param_dtype=param_dtype,
-                     rngs=rngs) for i in range(n)])
+                     attention=attention, rngs=rngs) for i in range(n)])
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS, token_mask_BT):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, mask_BTS):
     kvs, auxes = [], []
     for block in self.blocks:
-      x_BTD, aux, kv = block(x_BTD, positions_BT, mask_BTS, token_mask_BT)
+      x_BTD, aux, kv = block(x_BTD, positions_BT, segment_ids_BT, mask_BTS)
       kvs.append(kv)
       auxes.append(aux)
     return x_BTD, _sum_aux(auxes), _stack_kv(kvs)
@@ -327,7 +201,7 @@ def _stack_kv(kvs):
 class Decoder(nnx.Module):
 
   def __init__(self, cfg: DecoderConfig, *, dtype="bfloat16", param_dtype="float32", remat: str = "none",
-               scan_layers: bool = True, rngs: nnx.Rngs):
+               scan_layers: bool = True, attention: str = "auto", rngs: nnx.Rngs):
     every = cfg.moe.every if cfg.moe is not None else 1
     if cfg.num_layers % every:
       raise ValueError(f"model.decoder.num_layers {cfg.num_layers} is not a multiple of moe.every {every}")
@@ -335,11 +209,13 @@ class Decoder(nnx.Module):
     self.num_kv_heads, self.head_dim = cfg.num_kv_heads, cfg.head_dim or cfg.d_model // cfg.num_heads
     self.dtype, pdt = layers.dtype_of(dtype), layers.dtype_of(param_dtype)
     self.remat, self.scan_layers = remat, scan_layers
+    self.attention = attention_lib.check_impl(attention)
     self.num_units = cfg.num_layers // every
     self.embedding = layers.param(rngs, layers.normal_init(0.02), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                                   pdt)
     self.units = layers.stacked(self.num_units,
-                                lambda r: DecoderUnit(cfg, dtype=self.dtype, param_dtype=pdt, rngs=r), rngs)
+                                lambda r: DecoderUnit(cfg, dtype=self.dtype, param_dtype=pdt, attention=attention,
+                                                      rngs=r), rngs)
     self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_eps, dtype=self.dtype, param_dtype=pdt, rngs=rngs)
     self.lm_head = None if cfg.tie_embeddings else layers.param(
         rngs, layers.fan_in_init(cfg.d_model), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
@@ -369,11 +245,11 @@ class Decoder(nnx.Module):
 
   def hidden(self, x_BTD, segment_ids_BT, positions_BT, *, return_kv: bool = False):
     """The last layer's output [B, T, D] (`logits` takes it from there), aux, kv."""
-    mask_BTS = segment_causal_mask(segment_ids_BT)
-    token_mask_BT = segment_ids_BT != 0
+    needs_mask = attention_lib.resolve(self.attention) != "splash"
+    mask_BTS = segment_causal_mask(segment_ids_BT) if needs_mask else None
 
     def body(unit, x, _):
-      x, aux, kv = unit(x, positions_BT, mask_BTS, token_mask_BT)
+      x, aux, kv = unit(x, positions_BT, segment_ids_BT, mask_BTS)
       return x, (aux, kv if return_kv else None)
 
     x_BTD, (aux_U, kv) = layers.run_stack(self.units, body, x_BTD, length=self.num_units, scan=self.scan_layers,

@@ -6,9 +6,10 @@ weighted sum of its k experts' SwiGLU outputs. With `shared_expert_dim` > 0 (Qwe
 every token passes through is added, scaled by sigmoid(x . shared_gate).
 
 Dropless mode (capacity_factor == 0): the token-expert assignments are sorted by expert and every expert runs one
-grouped matmul (models/grouped.py: jax.lax.ragged_dot on TPU/GPU, a loop over row chunks on CPU) over exactly its
+grouped matmul (kernels/grouped.py: jax.lax.ragged_dot on TPU/GPU, a loop over row chunks on CPU) over exactly its
 tokens; nothing is dropped. On a mesh with data-parallel axes (and no expert or tensor axis) each data shard sorts
-its own tokens.
+its own tokens. With an expert axis (mesh.expert > 1) the layer is expert-parallel (kernels/expert_parallel.py):
+each device holds its experts' weights only and the assignments travel to them and back by all-to-all.
 Capacity mode (capacity_factor > 0): every expert takes at most C = ceil(capacity_factor * tokens * k / experts)
 assignments into a [experts, C, d] buffer; assignments are served first-choice-first, then in token order
 (GShard/Switch priority); overflow assignments are dropped (their share of the output is zero) and counted in
@@ -31,7 +32,8 @@ from jax.sharding import PartitionSpec as P
 
 from mm15_jax import sharding
 from mm15_jax.config import MoEConfig
-from mm15_jax.models import grouped, layers
+from mm15_jax.kernels import expert_parallel, grouped
+from mm15_jax.models import layers
 from mm15_jax.sharding import constrain
 
 
@@ -42,6 +44,7 @@ class MoEFeedForward(nnx.Module):
       raise ValueError(f"model.decoder.moe.top_k {cfg.top_k} must be in [1, num_experts={cfg.num_experts}]")
     e, f = cfg.num_experts, cfg.ffn_dim or dense_ffn_dim
     self.num_experts, self.top_k, self.capacity_factor = e, cfg.top_k, cfg.capacity_factor
+    self.ep_capacity_factor = cfg.ep_capacity_factor
     grouped.resolve_impl(cfg.grouped_matmul)  # a bad config value fails here; "auto" is resolved when traced
     self.grouped_impl = cfg.grouped_matmul
     self.router = layers.param(rngs, layers.fan_in_init(d_model), (d_model, e), ("embed", None), param_dtype)
@@ -74,7 +77,7 @@ class MoEFeedForward(nnx.Module):
     if self.capacity_factor > 0:
       out_NKD, drop_rate = self._capacity(x_ND, experts_NK, mask_N)
     else:
-      out_NKD, drop_rate = self._dropless(x_ND, experts_NK), jnp.zeros((), jnp.float32)
+      out_NKD, drop_rate = self._dropless(x_ND, experts_NK, mask_N)
     y_ND = jnp.einsum("nkd,nk->nd", out_NKD, weights_NK.astype(self.dtype))
     aux = self.aux_losses(logits_NE, experts_NK, mask_N)
     aux["moe_drop_rate"] = drop_rate
@@ -99,23 +102,28 @@ class MoEFeedForward(nnx.Module):
     dt = self.dtype
     return self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt)
 
-  def _dropless(self, x_ND, experts_NK):
-    """Each data shard sorts and multiplies its own tokens' assignments (shard_map over the batch axes): sorted
-    globally, the [N * k, D] and [N * k, F] assignment arrays of the whole batch would sit on every device. Dropless
-    routing makes a token's output independent of the others, so both give the same result."""
+  def _dropless(self, x_ND, experts_NK, mask_N):
+    """-> (outputs [N, k, D], drop rate). Each data shard sorts and multiplies its own tokens' assignments
+    (shard_map over the batch axes): sorted globally, the [N * k, D] and [N * k, F] assignment arrays of the whole
+    batch would sit on every device. Dropless routing makes a token's output independent of the others, so both give
+    the same result. An expert axis makes it expert-parallel (nothing dropped unless ep_capacity_factor > 0)."""
     weights = self._expert_weights()
-    local = functools.partial(_dropless, num_experts=self.num_experts, impl=self.grouped_impl)
     mesh = sharding.current_mesh()
+    if expert_parallel.applies(mesh, x_ND.shape[0], self.num_experts):
+      return expert_parallel.moe_ffn(x_ND, experts_NK, mask_N, *weights, mesh=mesh, impl=self.grouped_impl,
+                                     capacity_factor=self.ep_capacity_factor)
+    no_drops = jnp.zeros((), jnp.float32)
+    local = functools.partial(_dropless, num_experts=self.num_experts, impl=self.grouped_impl)
     batch_axes = tuple(a for a in sharding.BATCH_AXES if mesh is not None and mesh.shape[a] > 1)
     shards = math.prod(mesh.shape[a] for a in batch_axes) if batch_axes else 1
-    # Expert or tensor parallelism would need their own collectives inside; those meshes sort globally.
+    # Tensor parallelism would need its own collectives inside; such meshes sort globally.
     if shards == 1 or x_ND.shape[0] % shards or mesh.shape["expert"] * mesh.shape["tensor"] > 1:
-      return local(x_ND, experts_NK, *weights)
+      return local(x_ND, experts_NK, *weights), no_drops
     rows, replicated = P(batch_axes), P()
     # check_vma=False: the CPU grouped matmul's loop carries start unvarying (gradients stay exact, tested).
     per_shard = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows) + (replicated,) * 3, out_specs=rows,
                               check_vma=False)
-    return per_shard(x_ND, experts_NK, *weights)
+    return per_shard(x_ND, experts_NK, *weights), no_drops
 
   def capacity(self, num_tokens: int) -> int:
     return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))

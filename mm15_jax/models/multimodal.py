@@ -84,10 +84,12 @@ class MultimodalModel(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-    self.vision = VisionTransformer(cfg.vision, remat=cfg.remat, scan_layers=cfg.scan_layers, **common)
+    self.vision = VisionTransformer(cfg.vision, remat=cfg.remat, scan_layers=cfg.scan_layers,
+                                    attention=cfg.attention, **common)
     self.connector = CAbstractor(cfg.connector, in_dim=cfg.vision.width, out_dim=cfg.decoder.d_model,
                                  grid_side=cfg.vision.image_size // cfg.vision.patch_size, **common)
-    self.decoder = Decoder(cfg.decoder, remat=cfg.remat, scan_layers=cfg.scan_layers, **common)
+    self.decoder = Decoder(cfg.decoder, remat=cfg.remat, scan_layers=cfg.scan_layers, attention=cfg.attention,
+                           **common)
 
   @property
   def tokens_per_tile(self) -> int:

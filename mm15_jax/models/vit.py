@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mm15_jax.config import VisionConfig
+from mm15_jax.kernels import attention as attention_lib
 from mm15_jax.models import layers
 from mm15_jax.sharding import constrain
 
@@ -20,7 +21,7 @@ ACT_NAMES = ("batch", "length", "vit_embed")
 
 class VitAttention(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, attention: str = "auto", rngs: nnx.Rngs):
     w, h = cfg.width, cfg.num_heads
     if w % h:
       raise ValueError(f"model.vision.width {w} is not divisible by model.vision.num_heads {h}")
@@ -35,7 +36,7 @@ class VitAttention(nnx.Module):
     self.v_bias = mk((h, hd), ("vit_heads", "head_dim"), layers.zeros_init)
     self.o = mk((h, hd, w), ("vit_heads", "head_dim", "vit_embed"), layers.fan_in_init(w))
     self.o_bias = mk((w,), ("vit_embed",), layers.zeros_init)
-    self.dtype = dtype
+    self.dtype, self.attention = dtype, attention
 
   def __call__(self, x_BLD):
     dt = self.dtype
@@ -43,20 +44,17 @@ class VitAttention(nnx.Module):
     q_BLHK = proj(self.q, self.q_bias)
     k_BLHK = proj(self.k, self.k_bias)
     v_BLHK = proj(self.v, self.v_bias)
-    scale = q_BLHK.shape[-1] ** -0.5
-    logits_BHLM = jnp.einsum("blhk,bmhk->bhlm", q_BLHK * scale, k_BLHK, preferred_element_type=jnp.float32)
-    probs_BHLM = jax.nn.softmax(logits_BHLM, axis=-1).astype(dt)
-    out_BLHK = jnp.einsum("bhlm,bmhk->blhk", probs_BHLM, v_BLHK)
+    out_BLHK = attention_lib.full_attention(q_BLHK, k_BLHK, v_BLHK, dt, impl=self.attention)
     return layers.project(out_BLHK, self.o[...].astype(dt), n_contract=2) + self.o_bias[...].astype(dt)
 
 
 class VitBlock(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, attention: str = "auto", rngs: nnx.Rngs):
     ln = lambda: layers.LayerNorm(cfg.width, "vit_embed", eps=cfg.layer_norm_eps, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
     self.norm1 = ln()
-    self.attn = VitAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attn = VitAttention(cfg, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=rngs)
     self.norm2 = ln()
     self.fc1 = layers.Linear(cfg.width, cfg.mlp_dim, ("vit_embed", "vit_mlp"), use_bias=True, dtype=dtype,
                              param_dtype=param_dtype, rngs=rngs)
@@ -75,7 +73,7 @@ class VisionTransformer(nnx.Module):
   """images [B, H, W, 3] (already normalised) -> patch tokens [B, (H/p)*(W/p), width] of `feature_layer`."""
 
   def __init__(self, cfg: VisionConfig, *, dtype="bfloat16", param_dtype="float32", remat: str = "none",
-               scan_layers: bool = True, rngs: nnx.Rngs):
+               scan_layers: bool = True, attention: str = "auto", rngs: nnx.Rngs):
     if cfg.image_size % cfg.patch_size:
       raise ValueError(f"model.vision.image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     # Plain attributes (not the config object) keep the graphdef hashable.
@@ -84,6 +82,7 @@ class VisionTransformer(nnx.Module):
     self.dtype = layers.dtype_of(dtype)
     pdt = layers.dtype_of(param_dtype)
     self.remat, self.scan_layers = remat, scan_layers
+    attention_lib.check_impl(attention)
     p, w = cfg.patch_size, cfg.width
     side = cfg.image_size // p
     self.patch_kernel = layers.param(rngs, layers.fan_in_init(p * p * 3), (p, p, 3, w),
@@ -94,7 +93,7 @@ class VisionTransformer(nnx.Module):
     self.pre_norm = (layers.LayerNorm(w, "vit_embed", eps=cfg.layer_norm_eps, dtype=self.dtype, param_dtype=pdt,
                                       rngs=rngs) if cfg.pre_norm else None)
     self.blocks = layers.stacked(
-        cfg.depth, lambda r: VitBlock(cfg, dtype=self.dtype, param_dtype=pdt, rngs=r), rngs)
+        cfg.depth, lambda r: VitBlock(cfg, dtype=self.dtype, param_dtype=pdt, attention=attention, rngs=r), rngs)
 
   @property
   def grid_side(self) -> int:

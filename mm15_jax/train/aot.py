@@ -3,6 +3,7 @@
     mm15 aot --config mm15 --arg size=3b --stage pretrain --topology v5p:4x4x4
     mm15 aot --config tiny --topology cpu          # the local devices (CPU here)
     mm15 aot --config mm15 --arg size=3b --stage sft --topology v5p:4x4x4 --fit grad_accum   # first that fits
+    mm15 aot --config tiny --set mesh.expert=4 --topology v5e:2x4 --hlo step.hlo   # also the compiled HLO text
 
 The step, state shardings and batch shapes are exactly those of `mm15 train` (stage.build_stage, the
 configured mesh, the stage's batch size, sequence length, image slots and tile size); nothing is allocated. TPU
@@ -24,6 +25,8 @@ import numpy as np
 from mm15_jax import paths, sharding
 from mm15_jax import config as config_lib
 from mm15_jax.config import Experiment
+from mm15_jax.train import flops as flops_lib
+from mm15_jax.train import roofline
 from mm15_jax.train import stage as stage_lib
 
 GIB = 1 << 30
@@ -56,6 +59,9 @@ class AotReport:
   scanned_layers: bool = False  # XLA's cost analysis counts a scanned (while-loop) layer stack once
   compile_s: float = 0.0     # wall time of lower + compile on this host
   out_of_memory: str = ""    # the compiler's message when it refused the program for the chip's HBM
+  bytes_accessed: float = float("nan")  # HBM bytes per device per step (cost_analysis)
+  collective_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # sent per device, by kind (HLO)
+  model_flops: float = float("nan")     # analytic (train/flops.py) per device per step
 
   @property
   def fits(self) -> bool | None:
@@ -143,11 +149,14 @@ def compile_train_step(exp: Experiment, index: int, topology: str = "cpu", num_s
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     temp, code, flops = mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, (cost or {}).get("flops")
+    bytes_accessed = (cost or {}).get("bytes accessed", float("nan"))
+    collectives = roofline.collective_bytes(compiled.as_text(), len(devices))
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp + code
   else:  # the compiler states what the temporaries need ("... HLO temporaries (137.22G) exceeds ...")
     needed = re.search(r"temporaries \(([\d.]+)G\)", out_of_memory)
     temp, code, flops = int(float(needed.group(1)) * GIB) if needed else 0, 0, None
     total = per_device_bytes(state) + per_device_bytes(batch) + temp
+    bytes_accessed, collectives = float("nan"), {}
   kind = devices[0].device_kind
   report = AotReport(
       topology=topology or "cpu", device_kind=kind, num_devices=len(devices), mesh=dict(mesh.shape),
@@ -155,7 +164,11 @@ def compile_train_step(exp: Experiment, index: int, topology: str = "cpu", num_s
       params_bytes=per_device_bytes(state.params), opt_state_bytes=per_device_bytes(state.opt_state),
       batch_bytes=per_device_bytes(batch), temp_bytes=temp, code_bytes=code, total_bytes=total,
       hbm_bytes=HBM_BYTES.get(kind), flops=float("nan") if flops is None else float(flops),
-      scanned_layers=model_cfg.scan_layers, compile_s=compile_s, out_of_memory=out_of_memory)
+      scanned_layers=model_cfg.scan_layers, compile_s=compile_s, out_of_memory=out_of_memory,
+      bytes_accessed=float(bytes_accessed), collective_bytes=collectives,
+      model_flops=flops_lib.train_step_flops(model_cfg, batch_size=stage.batch_size, seq_len=stage.data.seq_len,
+                                             max_images=stage.data.max_images, tile_size=stage.image_size)
+      / len(devices))
   return compiled, report
 
 
@@ -183,6 +196,9 @@ def format_report(r: AotReport) -> str:
     lines.append(f"  FLOPs per step: {r.flops:.3e} per device, {r.flops * r.num_devices:.3e} in all")
     if r.scanned_layers:
       lines.append("    (XLA counts each scanned layer stack once: --set model.scan_layers=false for the full count)")
+    lines += roofline.report_lines(device_kind=r.device_kind, flops=r.flops, hbm_bytes=r.bytes_accessed,
+                                   collectives=r.collective_bytes, model_flops=r.model_flops,
+                                   scanned_layers=r.scanned_layers)
   lines.append(f"  compiled in {r.compile_s:.0f} s")
   return "\n".join(lines)
 
@@ -204,12 +220,13 @@ def fit_candidates(exp: Experiment, index: int, knob: str, devices) -> list[str]
 
 
 def command(exp: Experiment, stages: list[str], topology: str, num_slices: int = 1, json_path: str = "",
-            overrides: tuple[str, ...] = (), fit: str = "", log=print) -> list[AotReport]:
+            overrides: tuple[str, ...] = (), fit: str = "", hlo_path: str = "", log=print) -> list[AotReport]:
   """Compiles and reports every named stage (all when `stages` is empty); each report is appended to `json_path`
   as one JSON line (with the experiment's name and the config `overrides` it was built with) when given.
 
   `fit` (a FIT_KNOBS name): per stage, compiles the knob's candidates in order and stops at the first that fits
-  the chip's HBM, logging the override that does (or that none does)."""
+  the chip's HBM, logging the override that does (or that none does). `hlo_path`: the compiled HLO text goes
+  there (FILE.<stage> when several stages are compiled; the last try of a --fit search)."""
   names = [s.name for s in exp.stages]
   unknown = sorted(set(stages) - set(names))
   if unknown:
@@ -223,7 +240,11 @@ def command(exp: Experiment, stages: list[str], topology: str, num_slices: int =
       exp_here = config_lib.override(copy.deepcopy(exp), [extra]) if extra else exp
       if fit:
         log(f"--fit {fit}: stage {stage.name}, try {n + 1} of {len(tries)}: {extra}")
-      _, report = compile_train_step(exp_here, i, topology, num_slices)
+      compiled, report = compile_train_step(exp_here, i, topology, num_slices)
+      if hlo_path and compiled is not None:
+        path = hlo_path if len(stages) == 1 or len(exp.stages) == 1 else f"{hlo_path}.{stage.name}"
+        paths.path(path).write_text(compiled.as_text())
+        log(f"compiled HLO text of stage {stage.name}: {path}")
       log(format_report(report))
       reports.append(report)
       if json_path:

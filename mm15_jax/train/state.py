@@ -11,7 +11,6 @@ from mm15_jax import sharding
 from mm15_jax.config import ModelConfig
 from mm15_jax.models import multimodal
 from mm15_jax.models.multimodal import MultimodalModel
-from mm15_jax.sharding import param_shardings  # noqa: F401  (also imported from here by conversion code)
 from mm15_jax.train import optim
 from mm15_jax.train.step import TrainState
 
@@ -43,7 +42,7 @@ def sharded_abstract_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0):
   """(graphdef, params as ShapeDtypeStructs carrying their shardings, non-Param state as zeros): the target of a
   restore or an AOT compile; no weight is allocated."""
   graphdef, params, rest = abstract_model(cfg, seed)
-  params = sharded_abstract(params, param_shardings(params, mesh))
+  params = sharded_abstract(params, sharding.param_shardings(params, mesh))
   return graphdef, params, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
 
 
