@@ -172,26 +172,38 @@ def apportion(weights: Mapping[str, float], block_size: int = BLOCK_SIZE) -> dic
   return {n: int(c) for n, c in zip(names, counts)}
 
 
+def sample_shares(weights: Mapping[str, float], extra_sources: Mapping[str, float] | None = None) -> dict:
+  """Each source's share of the samples: the extra sources' as given, the mixture's the rest in its proportions."""
+  extra = dict(extra_sources or {})
+  total, rest = sum(weights.values()), 1.0 - sum(extra.values())
+  return {**{n: rest * w / total for n, w in weights.items()}, **extra}
+
+
 def describe_mixture(weights: Mapping[str, float], *, equal_sources: bool = False,
-                     block_size: int = BLOCK_SIZE) -> str:
+                     extra_sources: Mapping[str, float] | None = None, block_size: int = BLOCK_SIZE) -> str:
   """Realised shares (what the pipeline really samples), one line per source."""
-  names = sorted(weights)
+  extra = dict(extra_sources or {})
+  merged = sample_shares(weights, extra)
+  names = sorted(merged)
   if equal_sources:
-    shares = {n: 1.0 / len(names) for n in names}
-    header = f"data mixture: {len(names)} sources in equal numbers in every batch"
+    rest = 1.0 - sum(extra.values())
+    shares = {n: extra[n] if n in extra else rest / len(weights) for n in names}
+    header = f"data mixture: {len(weights)} sources in equal numbers in every batch"
+    if extra:
+      header += f", beside {len(extra)} extra source(s)"
   else:
-    counts = apportion(weights, block_size)
+    counts = apportion(merged, block_size)
     shares = {n: counts[n] / block_size for n in names}
     header = f"data mixture: realised shares over every block of {block_size} samples"
-  total = sum(weights.values())
-  lines = [header] + [f"  {i:2d} {n:24s} weight {weights[n] / total:7.4f}  realised {shares[n] * 100:7.3f}%"
-                      for i, n in enumerate(names)]
+  lines = [header] + [f"  {i:2d} {n:24s} weight {merged[n]:7.4f}  realised {shares[n] * 100:7.3f}%"
+                      + ("  (extra)" if n in extra else "") for i, n in enumerate(names)]
   return "\n".join(lines)
 
 
-def log_mixture(weights: Mapping[str, float], *, equal_sources: bool = False) -> str:
+def log_mixture(weights: Mapping[str, float], *, equal_sources: bool = False,
+                extra_sources: Mapping[str, float] | None = None) -> str:
   """Prints the realised shares at start-up (and logs them); returns the text."""
-  text = describe_mixture(weights, equal_sources=equal_sources)
+  text = describe_mixture(weights, equal_sources=equal_sources, extra_sources=extra_sources)
   print(text, flush=True)
   logging.info("%s", text)
   return text
