@@ -28,6 +28,7 @@ from etils import epath
 
 from mm15_jax import config as config_lib
 from mm15_jax.config import Experiment
+from mm15_jax.data import mixture as mixture_lib
 
 REPORT = "eval/report.json"
 
@@ -121,7 +122,9 @@ def check_grid(exp: Experiment, grid: dict[str, list[str]], swept: Sequence[int]
                           f"{','.join(s.name for s in exp.stages)})")
     for value in values:
       try:
-        config_lib.override(copy.deepcopy(exp), [f"{key}={value}"])
+        changed = config_lib.override(copy.deepcopy(exp), [f"{key}={value}"])
+        for i in swept:  # what can be checked without data: a bad value fails here, not after the shared stages
+          mixture_lib.check_sft(changed.stages[i].data.sft)
       except (KeyError, TypeError, ValueError) as e:
         raise AblationError(f"--grid {key}: {e.args[0] if e.args else e}") from None
 

@@ -44,7 +44,9 @@ def test_bad_grid_fails_before_anything_runs(corpus_dir, tmp_path, capsys, monke
   for grid, match in (({"stages.ocr.nope": ["1"]}, r"--grid stages.ocr.nope: .*has no field 'nope'"),
                       ({"stages.ocr.steps": ["two"]}, r"--grid stages.ocr.steps: .*expected int"),
                       ({"stages.pretrain.steps": ["1"]}, r"stage 'pretrain' is shared .* --stage"),
-                      ({"model.decoder.d_model": ["8"]}, "needs every stage swept")):
+                      ({"model.decoder.d_model": ["8"]}, "needs every stage swept"),
+                      ({"stages.ocr.data.sft.alpha.txt": ["1"]}, r"alpha.txt: .*sft.alpha: unknown \['txt'\]"),
+                      ({"stages.ocr.data.sft.name": ["general+maths"]}, "unknown SFT mixture 'general\+maths'")):
     with pytest.raises(ablate.AblationError, match=match):
       ablate.check_grid(exp, grid, swept)
   ablate.check_grid(exp, {"model.decoder.d_model": ["8"]}, ablate.swept_stages(exp, "pretrain,ocr"))

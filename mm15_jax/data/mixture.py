@@ -117,6 +117,18 @@ def discover_sft_sources(data_dir: str) -> dict[str, str]:
   return found
 
 
+def check_sft(sft) -> None:
+  """The settings of data.sft (an SftMixtureConfig) that need no data: `within`, alpha and group-weight keys."""
+  if sft.within not in ("size", "equal"):
+    raise ValueError(f"config key data.sft.within must be 'size' or 'equal', got {sft.within!r}")
+  for key, given, known in (("alpha", sft.alpha, SFT_ALPHA), ("group_weights", sft.group_weights, SFT_GROUPS)):
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+      raise ValueError(f"config key data.sft.{key}: unknown {unknown}; known: {sorted(known)}")
+  if sft.name:
+    mixture_categories(sft.name)
+
+
 def resolve_sft(data_cfg, log=print):
   """`data_cfg` with data.mixture set from data.sft when data.sft.name is set (else unchanged)."""
   import dataclasses
@@ -124,12 +136,7 @@ def resolve_sft(data_cfg, log=print):
   sft = data_cfg.sft
   if not sft.name:
     return data_cfg
-  if sft.within not in ("size", "equal"):
-    raise ValueError(f"config key data.sft.within must be 'size' or 'equal', got {sft.within!r}")
-  for key, given, known in (("alpha", sft.alpha, SFT_ALPHA), ("group_weights", sft.group_weights, SFT_GROUPS)):
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-      raise ValueError(f"config key data.sft.{key}: unknown {unknown}; known: {sorted(known)}")
+  check_sft(sft)
   sources = dict(sft.sources) or discover_sft_sources(data_cfg.data_dir)
   sizes = ({n: len(records.open_source(data_cfg.data_dir, n, "train")) for n in sources}
            if sft.within == "size" else None)
