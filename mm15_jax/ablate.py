@@ -180,12 +180,21 @@ def shared_chain(exp: Experiment, first_swept: int) -> list[int]:
   return chain
 
 
+def _same_config(saved: dict, current: dict) -> bool:
+  """Equal as experiments: a field the saved config lacks (added to the code since) counts at its default."""
+  try:
+    as_experiment = lambda d: config_lib.to_dict(config_lib.from_dict(Experiment, d))
+    return as_experiment(saved) == as_experiment(current)
+  except (KeyError, TypeError):  # a field the code no longer has
+    return False
+
+
 def _claim(directory: epath.Path, config: dict, what: str) -> None:
   """Writes directory/config.json, or checks that the one there is the same config."""
   path = directory / "config.json"
   text = json.dumps(config, indent=2, sort_keys=True)
   if path.exists():
-    if path.read_text() != text:
+    if not _same_config(json.loads(path.read_text()), json.loads(text)):
       raise AblationError(f"{directory}: holds {what} of another config (see its config.json); use a new --workdir "
                           "or remove that folder")
     return
@@ -223,7 +232,7 @@ def run(exp: Experiment, grid: dict[str, list[str]], workdir: str, *, stages: st
   log(f"[ablate] {len(grid_points)} points x stages {[exp.stages[i].name for i in swept]}"
       + (f"; shared: {[exp.stages[i].name for i in chain]} in {shared_dir}" if chain else ""))
   if chain:
-    _claim(shared_dir, {"model": config_lib.to_dict(exp.model), "seed": exp.seed,
+    _claim(shared_dir, {"model": config_lib.to_dict(exp.model), "seed": exp.seed,  # Experiment-shaped
                         "stages": [config_lib.to_dict(exp.stages[i]) for i in chain]}, "shared stages")
     _train(exp, chain, shared_dir, log)
   rows = []

@@ -30,6 +30,15 @@ def test_parse_grid_and_point_names():
   same_tail = ablate.points({"stages.ocr.steps": ["1"], "stages.sft.steps": ["2", "3"]})
   assert [p.name for p in same_tail] == ["ocr.steps=1,sft.steps=2", "ocr.steps=1,sft.steps=3"]
   assert ablate.points({"stages.sft.data.sft.alpha": ['{"math": 1}']})[0].name == "alpha=math_1"
+  # A point folder's saved config may lack fields added to the code since; any other difference is a new config.
+  old = {"seed": 0, "stages": [{"name": "ocr", "data": {"mixture": {"a": 1.0}}}]}
+  assert ablate._same_config(old, {"seed": 0, "stages": [{"name": "ocr", "data": {"mixture": {"a": 1.0},
+                                                                                  "extra_sources": {}}}]})
+  assert not ablate._same_config(old, {"seed": 0, "stages": [{"name": "ocr", "data": {"extra_sources": {"b": 0.1},
+                                                                                      "mixture": {"a": 1.0}}}]})
+  assert not ablate._same_config(old, {"seed": 0, "stages": [{"name": "ocr", "data": {"mixture": {"a": 1.0,
+                                                                                                  "b": 1.0}}}]})
+  assert not ablate._same_config({"seed": 0, "gone": 1}, {"seed": 0})
   for bad, match in ((["x"], "expected key=value"), (["a=1", "a=2"], "given twice"), (["a=1,1"], "repeated"),
                      ([], "at least one")):
     with pytest.raises(ablate.AblationError, match=match):
