@@ -4,6 +4,9 @@
   mm15 data synth --out DIR [--seed N]             the synthetic corpus (TFDS ArrayRecord) and its tokenizer
                   [--video] [--ui [--ui-size S]]   (+ video QA datasets; + mobile-UI screens and tasks)
   mm15 train --config NAME|FILE.py --workdir DIR   every stage of an experiment (or --stage NAME)
+  mm15 ablate --config NAME --grid KEY=V1,V2 --workdir DIR
+                                                   the last stage (or --stage) per grid point, evaluated: a table
+                                                   and a plot of category scores per point
   mm15 eval --workdir DIR | --checkpoint DIR       benchmark evaluation of a checkpoint on the "test" splits
             [--benchmarks a,b] [--n-max 16]        of the data dir: report.json, categories.png, a table
   mm15 eval import --format F --input FILE --out DATA_DIR --name NAME
@@ -125,6 +128,13 @@ def cmd_aot(a):
                 overrides=tuple(a.set or ()), fit=a.fit, hlo_path=a.hlo)
   except (RuntimeError, ValueError) as e:
     raise SystemExit(f"mm15 aot: {e}") from e
+
+
+def cmd_ablate(a):
+  from mm15_jax import ablate
+  from mm15_jax.train import distributed
+  distributed.initialize()
+  ablate.command(a, load_experiment)
 
 
 def cmd_eval(a):
@@ -275,6 +285,20 @@ def main(argv: list[str] | None = None):
   p.add_argument("--workdir", required=True)
   p.add_argument("--stage", default="", help="comma-separated stage names (default: all, in order)")
   p.set_defaults(fn=cmd_train)
+
+  p = sub.add_parser("ablate", help="one short run per grid point of config overrides, evaluated: table and plot")
+  _add_config_flags(p)
+  p.add_argument("--grid", action="append", default=[], required=True,
+                 help="dotted key=v1,v2,... (as --set); several --grid: their product")
+  p.add_argument("--workdir", required=True, help="shared stages, one folder per point, ablation.md/.json/.png")
+  p.add_argument("--stage", default="", help="consecutive stages each point trains (default: the last)")
+  p.add_argument("--data-dir", default="", help="where the benchmarks are (default: the stage's data_dir)")
+  p.add_argument("--benchmarks", default="", help="comma-separated names (default: every 'test' split)")
+  p.add_argument("--n-max", type=int, default=0, help="inference dynamic split n_max (0: the stage's)")
+  p.add_argument("--max-examples", type=int, default=0, help="per benchmark; 0 = all")
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--max-new-tokens", type=int, default=24)
+  p.set_defaults(fn=cmd_ablate)
 
   p = sub.add_parser("aot", help="compile the train step for a TPU topology here; per-chip memory and FLOPs")
   _add_config_flags(p)

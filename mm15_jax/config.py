@@ -174,6 +174,9 @@ class DataConfig:
   mixture: dict[str, float] = dataclasses.field(default_factory=dict)  # source -> weight
   sft: SftMixtureConfig = dataclasses.field(default_factory=SftMixtureConfig)  # name set: replaces mixture
   equal_sources: bool = False    # stage 2: sources in exactly equal numbers in every batch
+  # Sources added beside the mixture as shares of all samples, e.g. {"synth_caption": 0.2} (synthetic captions in
+  # stage 2); the mixture's sources share the rest in their proportions (with equal_sources: still equally).
+  extra_sources: dict[str, float] = dataclasses.field(default_factory=dict)
   split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
   seq_len: int = 4096
   max_images: int = 16           # image/tile slots per sequence

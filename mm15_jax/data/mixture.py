@@ -117,6 +117,18 @@ def discover_sft_sources(data_dir: str) -> dict[str, str]:
   return found
 
 
+def check_sft(sft) -> None:
+  """The settings of data.sft (an SftMixtureConfig) that need no data: `within`, alpha and group-weight keys."""
+  if sft.within not in ("size", "equal"):
+    raise ValueError(f"config key data.sft.within must be 'size' or 'equal', got {sft.within!r}")
+  for key, given, known in (("alpha", sft.alpha, SFT_ALPHA), ("group_weights", sft.group_weights, SFT_GROUPS)):
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+      raise ValueError(f"config key data.sft.{key}: unknown {unknown}; known: {sorted(known)}")
+  if sft.name:
+    mixture_categories(sft.name)
+
+
 def resolve_sft(data_cfg, log=print):
   """`data_cfg` with data.mixture set from data.sft when data.sft.name is set (else unchanged)."""
   import dataclasses
@@ -124,12 +136,7 @@ def resolve_sft(data_cfg, log=print):
   sft = data_cfg.sft
   if not sft.name:
     return data_cfg
-  if sft.within not in ("size", "equal"):
-    raise ValueError(f"config key data.sft.within must be 'size' or 'equal', got {sft.within!r}")
-  for key, given, known in (("alpha", sft.alpha, SFT_ALPHA), ("group_weights", sft.group_weights, SFT_GROUPS)):
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-      raise ValueError(f"config key data.sft.{key}: unknown {unknown}; known: {sorted(known)}")
+  check_sft(sft)
   sources = dict(sft.sources) or discover_sft_sources(data_cfg.data_dir)
   sizes = ({n: len(records.open_source(data_cfg.data_dir, n, "train")) for n in sources}
            if sft.within == "size" else None)
@@ -172,26 +179,38 @@ def apportion(weights: Mapping[str, float], block_size: int = BLOCK_SIZE) -> dic
   return {n: int(c) for n, c in zip(names, counts)}
 
 
+def sample_shares(weights: Mapping[str, float], extra_sources: Mapping[str, float] | None = None) -> dict:
+  """Each source's share of the samples: the extra sources' as given, the mixture's the rest in its proportions."""
+  extra = dict(extra_sources or {})
+  total, rest = sum(weights.values()), 1.0 - sum(extra.values())
+  return {**{n: rest * w / total for n, w in weights.items()}, **extra}
+
+
 def describe_mixture(weights: Mapping[str, float], *, equal_sources: bool = False,
-                     block_size: int = BLOCK_SIZE) -> str:
+                     extra_sources: Mapping[str, float] | None = None, block_size: int = BLOCK_SIZE) -> str:
   """Realised shares (what the pipeline really samples), one line per source."""
-  names = sorted(weights)
+  extra = dict(extra_sources or {})
+  merged = sample_shares(weights, extra)
+  names = sorted(merged)
   if equal_sources:
-    shares = {n: 1.0 / len(names) for n in names}
-    header = f"data mixture: {len(names)} sources in equal numbers in every batch"
+    rest = 1.0 - sum(extra.values())
+    shares = {n: extra[n] if n in extra else rest / len(weights) for n in names}
+    header = f"data mixture: {len(weights)} sources in equal numbers in every batch"
+    if extra:
+      header += f", beside {len(extra)} extra source(s)"
   else:
-    counts = apportion(weights, block_size)
+    counts = apportion(merged, block_size)
     shares = {n: counts[n] / block_size for n in names}
     header = f"data mixture: realised shares over every block of {block_size} samples"
-  total = sum(weights.values())
-  lines = [header] + [f"  {i:2d} {n:24s} weight {weights[n] / total:7.4f}  realised {shares[n] * 100:7.3f}%"
-                      for i, n in enumerate(names)]
+  lines = [header] + [f"  {i:2d} {n:24s} weight {merged[n]:7.4f}  realised {shares[n] * 100:7.3f}%"
+                      + ("  (extra)" if n in extra else "") for i, n in enumerate(names)]
   return "\n".join(lines)
 
 
-def log_mixture(weights: Mapping[str, float], *, equal_sources: bool = False) -> str:
+def log_mixture(weights: Mapping[str, float], *, equal_sources: bool = False,
+                extra_sources: Mapping[str, float] | None = None) -> str:
   """Prints the realised shares at start-up (and logs them); returns the text."""
-  text = describe_mixture(weights, equal_sources=equal_sources)
+  text = describe_mixture(weights, equal_sources=equal_sources, extra_sources=extra_sources)
   print(text, flush=True)
   logging.info("%s", text)
   return text

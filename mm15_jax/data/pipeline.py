@@ -15,7 +15,8 @@ max_images * tokens_per_tile image tokens per seq_len) rows close with free toke
 warns with the limit that lets tokens bind. The iterator state is (next unit, units pending, counters, parent
 state): JSON-able, and restoring it (with the same seed) gives identical following batches. A unit is one sample
 (weighted mixing) or, with equal_sources, one sample of every source, placed atomically: every batch then holds
-exactly as many samples of each source.
+exactly as many samples of each source. data.extra_sources (e.g. synthetic captions in stage 2) are drawn alone,
+as fixed shares of the samples, beside the mixture; the equal units keep their equality.
 """
 from __future__ import annotations
 
@@ -45,13 +46,20 @@ _RETRY_STRIDE = 1 << 40             # replacement draws land in far-away (indepe
 
 
 def source_names(data_cfg: DataConfig) -> list[str]:
-  """Sources of a stage in the order of `source_ids` (sorted names)."""
+  """Sources of a stage (the mixture's and data.extra_sources) in the order of `source_ids` (sorted names)."""
   if not data_cfg.mixture:
     raise ValueError("data.mixture is empty: a stage needs at least one source")
   bad = {k: v for k, v in data_cfg.mixture.items() if not v > 0}
   if bad:
     raise ValueError(f"data.mixture weights must be > 0, got {bad}")
-  return sorted(data_cfg.mixture)
+  extra = data_cfg.extra_sources
+  both = sorted(set(extra) & set(data_cfg.mixture))
+  if both:
+    raise ValueError(f"config key data.extra_sources: {both} already in data.mixture; name each source once")
+  if any(not 0 < v < 1 for v in extra.values()) or not sum(extra.values()) < 1:
+    raise ValueError(f"config key data.extra_sources={extra}: shares of the stage's samples, each in (0, 1) and "
+                     "summing below 1")
+  return sorted({*data_cfg.mixture, *extra})
 
 
 def open_sources(data_cfg: DataConfig, split: str = "train") -> dict[str, Sequence[dict]]:
@@ -65,14 +73,30 @@ def open_sources(data_cfg: DataConfig, split: str = "train") -> dict[str, Sequen
 class _UnitSampler:
   """Unit index -> [(source id, position in that source's per-host stream)], a pure function of u.
 
-  Weighted: blocks of mixture.BLOCK_SIZE units hold exactly `apportion(weights)` samples of each source, in an
-  order shuffled per block. Equal: unit u is one sample of every source, at position u.
+  A unit draws one "kind": a single source (weighted mixing), or with `equal` one sample of every mixture source
+  at once. `extra` ({source id: share of all samples}) adds sources drawn alone beside them: the mixture's sources
+  share the rest of the samples in their own proportions (with `equal`: in equal numbers). Blocks of `block_size`
+  units hold exactly `apportion` of the kinds' unit weights, in an order shuffled per block; a source's position is
+  the count of its kind's earlier units. With one kind, unit u is at position u.
   """
 
-  def __init__(self, weights: list[float], equal: bool, seed: int, block_size: int = mixture_lib.BLOCK_SIZE):
-    self.equal, self.seed, self.block_size = equal, seed, block_size
-    counts = mixture_lib.apportion({i: w for i, w in enumerate(weights)}, block_size)
-    self.counts = np.array([counts[i] for i in range(len(weights))], np.int64)
+  def __init__(self, weights: list[float], equal: bool, seed: int, block_size: int = mixture_lib.BLOCK_SIZE,
+               extra: Mapping[int, float] | None = None):
+    self.seed, self.block_size = seed, block_size
+    extra = dict(extra or {})
+    main = [i for i in range(len(weights)) if i not in extra]
+    rest = 1.0 - sum(extra.values())
+    if equal:  # a unit of every main source holds len(main) samples: unit weight = sample share / len(main)
+      kinds = [(tuple(main), rest / len(main))]
+    elif extra:
+      total = sum(weights[i] for i in main)
+      kinds = [((i,), rest * weights[i] / total) for i in main]
+    else:
+      kinds = [((i,), w) for i, w in enumerate(weights)]
+    kinds += [((i,), share) for i, share in sorted(extra.items())]
+    self.kinds = [k for k, _ in kinds]
+    counts = mixture_lib.apportion({i: w for i, (_, w) in enumerate(kinds)}, block_size)
+    self.counts = np.array([counts[i] for i in range(len(kinds))], np.int64)
     self._block, self._order, self._rank = -1, None, None
 
   def __getstate__(self):
@@ -82,19 +106,19 @@ class _UnitSampler:
     order = np.repeat(np.arange(len(self.counts)), self.counts)
     np.random.default_rng([self.seed, block]).shuffle(order)
     rank = np.empty_like(order)
-    for s in range(len(self.counts)):
-      where = np.flatnonzero(order == s)
+    for k in range(len(self.counts)):
+      where = np.flatnonzero(order == k)
       rank[where] = np.arange(len(where))
     self._block, self._order, self._rank = block, order, rank
 
   def __call__(self, u: int) -> list[tuple[int, int]]:
-    if self.equal:
-      return [(s, u) for s in range(len(self.counts))]
+    if len(self.kinds) == 1:
+      return [(s, u) for s in self.kinds[0]]
     block, pos = divmod(u, self.block_size)
     if block != self._block:
       self._load_block(block)
-    s = int(self._order[pos])
-    return [(s, block * int(self.counts[s]) + int(self._rank[pos]))]
+    k = int(self._order[pos])
+    return [(s, block * int(self.counts[k]) + int(self._rank[pos])) for s in self.kinds[k]]
 
 
 class _UnitMaker:
@@ -398,15 +422,18 @@ def make_dataset(data_cfg: DataConfig, *, sources: Mapping[str, Sequence[dict]],
     raise ValueError(f"data.mixture names sources {missing} that were not given (have {sorted(sources)})")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if data_cfg.equal_sources and batch_size % len(names):
+  equal = sorted(data_cfg.mixture)  # extra sources are drawn alone, beside the equal units
+  if data_cfg.equal_sources and batch_size % len(equal):
     raise ValueError(f"data.equal_sources=True needs the per-host batch size ({batch_size}) to be a multiple of "
-                     f"the number of sources ({len(names)}: {names})")
+                     f"the number of sources ({len(equal)}: {equal})")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
   images_lib.check_split_config(data_cfg.split)
   spec = samples_lib.SampleSpec.from_config(data_cfg, tile_size=tile_size, tokens_per_tile=tokens_per_tile)
   full_seed = int(np.random.SeedSequence([data_cfg.seed, seed]).generate_state(1)[0])
-  sampler = _UnitSampler([data_cfg.mixture[n] for n in names], data_cfg.equal_sources, full_seed)
+  extra = {i: data_cfg.extra_sources[n] for i, n in enumerate(names) if n in data_cfg.extra_sources}
+  sampler = _UnitSampler([data_cfg.mixture.get(n, 0.0) for n in names], data_cfg.equal_sources, full_seed,
+                         extra=extra)
   maker = _UnitMaker(names, {n: sources[n] for n in names}, sampler, tokenizer, spec, full_seed, process_index,
                      process_count)
   units = grain.MapDataset.range(sys.maxsize).map(maker).to_iter_dataset(
@@ -438,8 +465,8 @@ def make_pipeline(data_cfg: DataConfig, *, sources: Mapping[str, Sequence[dict]]
                     tile_size=tile_size, batch_size=batch_size, process_index=process_index,
                     process_count=process_count, seed=seed, read_threads=read_threads)
   if process_index == 0:
-    mixture_lib.log_mixture({n: data_cfg.mixture[n] for n in source_names(data_cfg)},
-                            equal_sources=data_cfg.equal_sources)
+    mixture_lib.log_mixture(data_cfg.mixture, equal_sources=data_cfg.equal_sources,
+                            extra_sources=data_cfg.extra_sources)
   return iter(ds)
 
 
