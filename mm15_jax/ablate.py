@@ -27,6 +27,7 @@ from typing import Sequence
 from etils import epath
 
 from mm15_jax import config as config_lib
+from mm15_jax import layout
 from mm15_jax.config import Experiment
 from mm15_jax.data import mixture as mixture_lib
 
@@ -163,11 +164,10 @@ def points(grid: dict[str, list[str]]) -> list[Point]:
 
 def point_experiment(exp: Experiment, point: Point, swept: Sequence[int], shared_dir: epath.Path) -> Experiment:
   """The base experiment with the point's values; its first swept stage starts from the shared checkpoint."""
-  from mm15_jax.train import runner
   out = config_lib.override(copy.deepcopy(exp), point.assignments())
   first = out.stages[swept[0]]
   if first.init_from == "previous" and swept[0] > 0:
-    first.init_from = runner.checkpoint_dir(str(shared_dir), out.stages[swept[0] - 1])
+    first.init_from = layout.checkpoint_dir(str(shared_dir), out.stages[swept[0] - 1])
   return out
 
 
@@ -203,18 +203,18 @@ def _claim(directory: epath.Path, config: dict, what: str) -> None:
 
 
 def _stage_finished(workdir: epath.Path, stage) -> bool:
-  from mm15_jax.train import runner
-  return (epath.Path(runner.stage_dir(str(workdir), stage)) / "summary.json").exists()
+  return (epath.Path(layout.stage_dir(str(workdir), stage)) / "summary.json").exists()
 
 
 def _train(exp: Experiment, indices: Sequence[int], workdir: epath.Path, log) -> None:
+  from mm15_jax.eval import run as eval_run
   from mm15_jax.train import runner
   for i in indices:
     if _stage_finished(workdir, exp.stages[i]):
       log(f"[ablate]   stage {exp.stages[i].name}: finished earlier in {workdir}")
       continue
     log(f"[ablate]   stage {exp.stages[i].name}: training in {workdir}")
-    runner.run_stage(exp, i, str(workdir), log=log)
+    runner.run_stage(exp, i, str(workdir), log=log, evaluate=eval_run.periodic_eval)
 
 
 def run(exp: Experiment, grid: dict[str, list[str]], workdir: str, *, stages: str = "", data_dir: str = "",
@@ -222,7 +222,6 @@ def run(exp: Experiment, grid: dict[str, list[str]], workdir: str, *, stages: st
         max_new_tokens: int = 24, log=print) -> list[dict]:
   """Trains and evaluates every point of `grid` under `workdir`; writes the table and plot; returns the rows."""
   from mm15_jax.eval import run as eval_run
-  from mm15_jax.train import runner
   swept = swept_stages(exp, stages)
   check_grid(exp, grid, swept)
   grid_points = points(grid)
@@ -247,7 +246,7 @@ def run(exp: Experiment, grid: dict[str, list[str]], workdir: str, *, stages: st
       _claim(point_dir, config_lib.to_dict(point_exp), "a point")
       _train(point_exp, swept, point_dir, log)
       log(f"[ablate]   evaluating {last.name} on the held-out suites")
-      eval_run.evaluate_checkpoint(point_exp, runner.checkpoint_dir(str(point_dir), last),
+      eval_run.evaluate_checkpoint(point_exp, layout.checkpoint_dir(str(point_dir), last),
                                    out_dir=str(point_dir / "eval"), stage=last.name, data_dir=data_dir,
                                    benchmarks=benchmarks, n_max=n_max, max_examples=max_examples,
                                    batch_size=batch_size, max_new_tokens=max_new_tokens, log=log)

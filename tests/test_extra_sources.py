@@ -46,7 +46,7 @@ def test_stage2_with_captions_keeps_ocr_sources_equal_per_batch(tok, pack):
   sources = {n: [ocr(i, n) for i in range(30)] for n in names}
   sources["caption"] = [caption(i) for i in range(30)]
   cfg = config(mixture.stage2_mixture(), equal_sources=True, pack=pack, seq_len=96, max_images=15,
-               split=SplitConfig(mode="static", static_grid=2, tile_size=8), extra_sources={"caption": 0.25})
+               split=SplitConfig(mode="static", static_grid=2), extra_sources={"caption": 0.25})
   assert pipeline.source_names(cfg) == ["caption", *sorted(names)]
   it = make(tok, cfg, sources, batch_size=8)
   captions = ocr_samples = 0
