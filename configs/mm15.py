@@ -51,6 +51,5 @@ def get_config(data_dir: str = "data", size: str = "3b") -> Experiment:
       checkpoint_every=1000,
       data=data(mixture.sft_mixture("all"), SplitConfig(mode="dynamic", tile_size=672, n_min=4, n_max=9),
                 TILE_SLOTS))
-  model = models.get(size)
   stages = [dataclasses.replace(s, grad_accum=n) for s, n in zip([pretrain, ocr, sft], GRAD_ACCUM.get(size, (1,) * 3))]
-  return Experiment(name=f"mm15-{size}", model=model, stages=stages, mesh=MeshConfig(data=1, fsdp=-1))
+  return Experiment(name=f"mm15-{size}", model=models.get(size), stages=stages, mesh=MeshConfig(data=1, fsdp=-1))

@@ -53,7 +53,8 @@ def gcloud_scope(a) -> list[str]:
 
 def create_commands(a) -> list[list[str]]:
   options = [*(["--spot"] if a.spot else []), *(["--reserved"] if a.reserved else []),
-             *(["--network", a.network] if a.network else []), *(["--subnetwork", a.subnetwork] if a.subnetwork else []),
+             *(["--network", a.network] if a.network else []),
+             *(["--subnetwork", a.subnetwork] if a.subnetwork else []),
              *(["--service-account", a.service_account] if a.service_account else []),
              *(["--internal-ips"] if a.internal_ip else [])]
   if not a.queued:
@@ -158,7 +159,8 @@ def parse(argv: list[str] | None):
   p.add_argument("--service-account", default="", help="the workers' service account (needs the buckets)")
   p.add_argument("--internal-ip", action="store_true",
                  help="workers without external IPs (create --internal-ips); ssh / scp over internal IPs")
-  p.add_argument("--libtpu-init-args", default="", help="LIBTPU_INIT_ARGS for the job: --libtpu-init-args='--xla_...=true ...'")
+  p.add_argument("--libtpu-init-args", default="",
+                 help="LIBTPU_INIT_ARGS for the job, written --libtpu-init-args='--xla_...=true ...'")
   p.add_argument("--package", default="", help="pip requirement to install instead of copying this checkout")
   p.add_argument("--source", default=REPO_ROOT, help="checkout copied to the workers (without --package)")
   p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, from {','.join(STEPS)}")

@@ -58,7 +58,8 @@ def parse(argv: list[str] | None):
   capacity = p.add_mutually_exclusive_group()
   capacity.add_argument("--spot", action="store_true", help="Spot capacity (clusters with autoprovisioning)")
   capacity.add_argument("--reservation", default="", help="a reservation (clusters with autoprovisioning)")
-  p.add_argument("--libtpu-init-args", default="", help="LIBTPU_INIT_ARGS for the job: --libtpu-init-args='--xla_...=true ...'")
+  p.add_argument("--libtpu-init-args", default="",
+                 help="LIBTPU_INIT_ARGS for the job, written --libtpu-init-args='--xla_...=true ...'")
   p.add_argument("--build", action="store_true", help="docker build + push the image first")
   p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
   p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the `mm15 train` arguments")

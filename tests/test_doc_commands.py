@@ -92,7 +92,8 @@ def readme_commands() -> list[tuple[str, str]]:
 
 def docstring_commands() -> list[tuple[str, str]]:
   found = []
-  for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")) + glob.glob(os.path.join(ROOT, "launch", "*.py"))):
+  paths = glob.glob(os.path.join(ROOT, "configs", "*.py")) + glob.glob(os.path.join(ROOT, "launch", "*.py"))
+  for path in sorted(paths):
     with open(path) as f:
       doc = ast.get_docstring(ast.parse(f.read()), clean=False) or ""
     lines = doc.splitlines()

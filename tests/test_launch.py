@@ -152,7 +152,8 @@ def worker_home(tmp_path):
   bin_dir.mkdir(parents=True)
   (bin_dir / "mm15").write_text('#!/bin/bash\necho "args: $*"\necho "libtpu: $LIBTPU_INIT_ARGS"\n'
                                 'trap \'echo "saved at SIGTERM"; exit 143\' TERM\n'
-                                'case "${@: -1}" in sleep) while true; do sleep 0.1; done;; *) exit "${@: -1}";; esac\n')
+                                'case "${@: -1}" in\n  sleep) while true; do sleep 0.1; done;;\n'
+                                '  *) exit "${@: -1}";;\nesac\n')
   (bin_dir / "mm15").chmod(0o755)
   yield tmp_path
   pid_file = tmp_path / "mm15_run" / "train.pid"
