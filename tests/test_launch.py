@@ -273,3 +273,10 @@ def test_cloud_tpu_initializes_jax_distributed(monkeypatch):
   monkeypatch.setattr(cloud_tpu_init, "running_in_cloud_tpu_vm", True)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # a TPU host told to compute on its CPU
   assert not distributed.on_cloud_tpu()
+
+
+def test_a_missing_tool_is_one_line():
+  out = launcher("xpk.py", "--cluster", "c", "--image", "i", "--tpu-type", "v5p-8", "--", "--workdir", "w")
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines() == ["xpk: not found on PATH; install it (gcloud: the Google Cloud CLI, xpk: "
+                                             "pip install xpk, docker) or run with --dry-run to see the commands"]
