@@ -172,13 +172,13 @@ def parse(argv: list[str] | None):
   a.steps = a.steps.split(",")
   unknown = sorted(set(a.steps) - set(STEPS))
   if unknown:
-    p.error(f"--steps: unknown {unknown}; choose from {','.join(STEPS)}")
+    raise SystemExit(f"--steps: unknown {unknown}; choose from {','.join(STEPS)}")
   if "train" in a.steps and "delete" in a.steps and "logs" not in a.steps:
-    p.error("--steps: delete right after train would stop the job; add logs (it waits for the job to end)")
+    raise SystemExit("--steps: delete right after train would stop the job; add logs (it waits for the job to end)")
   if not ZONE.fullmatch(a.zone):
-    p.error(f"--zone {a.zone}: give a zone such as us-east5-a (TPU VMs live in a zone, not a region)")
+    raise SystemExit(f"--zone {a.zone}: give a zone such as us-east5-a (TPU VMs live in a zone, not a region)")
   if not a.package and "install" in a.steps and not os.path.isfile(os.path.join(a.source, "setup.py")):
-    p.error(f"--source {a.source}: no setup.py there; give the mm15_jax checkout or --package")
+    raise SystemExit(f"--source {a.source}: no setup.py there; give the mm15_jax checkout or --package")
   return a
 
 

@@ -68,12 +68,12 @@ def parse(argv: list[str] | None):
     user = re.sub(r"[^a-z0-9-]", "", getpass.getuser().lower())[:20].strip("-") or "user"
     a.workload = f"mm15-{user}-{time.strftime('%m%d%H%M')}"
   if not WORKLOAD.fullmatch(a.workload) or len(a.workload) > WORKLOAD_MAX:
-    p.error(f"--workload {a.workload!r}: use lowercase letters, digits and '-', starting with a letter and not "
-            f"ending with '-', at most {WORKLOAD_MAX} characters")
+    raise SystemExit(f"--workload {a.workload!r}: use lowercase letters, digits and '-', starting with a letter and "
+            f"not ending with '-', at most {WORKLOAD_MAX} characters")
   if a.zone and not ZONE.fullmatch(a.zone):
-    p.error(f"--zone {a.zone}: give the zone of the cluster's TPU node pools, e.g. us-east5-a, not a region")
+    raise SystemExit(f"--zone {a.zone}: give the zone of the cluster's TPU node pools, e.g. us-east5-a, not a region")
   if a.max_restarts < 0:
-    p.error(f"--max-restarts {a.max_restarts}: must be >= 0")
+    raise SystemExit(f"--max-restarts {a.max_restarts}: must be >= 0")
   return a
 
 
