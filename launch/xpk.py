@@ -69,7 +69,7 @@ def parse(argv: list[str] | None):
     a.workload = f"mm15-{user}-{time.strftime('%m%d%H%M')}"
   if not WORKLOAD.fullmatch(a.workload) or len(a.workload) > WORKLOAD_MAX:
     raise SystemExit(f"--workload {a.workload!r}: use lowercase letters, digits and '-', starting with a letter and "
-            f"not ending with '-', at most {WORKLOAD_MAX} characters")
+                     f"not ending with '-', at most {WORKLOAD_MAX} characters")
   if a.zone and not ZONE.fullmatch(a.zone):
     raise SystemExit(f"--zone {a.zone}: give the zone of the cluster's TPU node pools, e.g. us-east5-a, not a region")
   if a.max_restarts < 0:
