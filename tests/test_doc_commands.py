@@ -24,7 +24,7 @@ from mm15_jax.configs import models, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND_START = re.compile(r"^(?:\$ )?(mm15 |python3? launch/\w+\.py|python3? -m mm15_jax\.cli )")
-# Subcommands whose `mm15 ...` lines are prose references when nothing follows them.
+# Stands in for a config file the reader writes (`--config my_experiment.py`).
 TINY_FILE = os.path.join(ROOT, "configs", "tiny.py")
 
 
