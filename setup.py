@@ -5,7 +5,12 @@ setup(
     name="mm15_jax",
     version="0.1.0",
     description="Train MM1.5-style multimodal LLMs (CLIP ViT + C-Abstractor + dense/MoE decoder) in JAX",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax, jaxlib, libtpu, flax, orbax-checkpoint and grain at the pinned versions
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Operating System :: POSIX :: Linux",
+    ],
     packages=find_packages(include=["mm15_jax", "mm15_jax.*"]) + ["mm15_jax.configs"],
     package_dir={"mm15_jax.configs": "configs"},
     install_requires=[

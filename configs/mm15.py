@@ -1,6 +1,9 @@
 """The MM1.5 recipe at paper scale: three stages on the paper's data mixtures, batch sizes and learning rates.
 
-    mm15 train --config mm15 --set model=3b-moe --set data_dir=gs://BUCKET/data --workdir gs://BUCKET/runs/3b
+    mm15 train --config mm15 --arg size=3b-moe --arg data_dir=gs://BUCKET/data --workdir gs://BUCKET/runs/3b-moe
+
+Sized for one v5p-128 slice (v5p:4x4x4, 64 chips of 95 GiB): every preset and stage fits as shipped,
+    mm15 aot --config mm15 --arg size=3b-moe --topology v5p:4x4x4
 
 Stage 1: 378px, caption : interleaved : text = 50 : 10 : 40, batch 512, 200k steps.
 Stage 2: 4 OCR sources in equal numbers per batch, static split (4 tiles of 672 + overview), batch 256,
@@ -15,6 +18,7 @@ The stage-1 learning rate is not given by MM1.5; we keep MM1's order of magnitud
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from mm15_jax.config import DataConfig, Experiment, MeshConfig, SplitConfig, StageConfig
@@ -24,6 +28,12 @@ from mm15_jax.data import mixture
 # Tile slots per 4096-token row in stages 2 and 3: as many as 144-token tiles fit (4096 // 144), so the token budget,
 # not the slots, closes a row (with 20 slots SFT rows ran out of slots at 0.69 of their tokens).
 TILE_SLOTS = 28
+
+# Micro-steps per stage (pretrain, ocr, sft) that fit each preset on v5p-128 with the weights sharded over all 64
+# chips (BENCHMARKS section 7): the 672 px tiles of stages 2 and 3 need half the rows per chip at once (ViT-H
+# activations), 30B and 3B-MoE also halve stage 1, and 3B-MoE's experts need a quarter in stages 2 and 3.
+GRAD_ACCUM = {"1b": (1, 2, 2), "3b": (1, 2, 2), "7b": (1, 2, 2), "30b": (2, 2, 2), "1b-moe": (1, 2, 2),
+              "3b-moe": (2, 4, 4)}
 
 
 def get_config(data_dir: str = "data", size: str = "3b") -> Experiment:
@@ -48,5 +58,5 @@ def get_config(data_dir: str = "data", size: str = "3b") -> Experiment:
       checkpoint_every=1000,
       data=data(mixture.sft_mixture("all"), SplitConfig(mode="dynamic", n_min=4, n_max=9),
                 TILE_SLOTS))
-  return Experiment(name=f"mm15-{size}", model=presets.get(size), stages=[pretrain, ocr, sft],
-                    mesh=MeshConfig(data=-1, fsdp=1))
+  stages = [dataclasses.replace(s, grad_accum=n) for s, n in zip([pretrain, ocr, sft], GRAD_ACCUM.get(size, (1,) * 3))]
+  return Experiment(name=f"mm15-{size}", model=presets.get(size), stages=stages, mesh=MeshConfig(data=1, fsdp=-1))

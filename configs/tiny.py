@@ -1,7 +1,7 @@
 """The built-in demo: the full three-stage recipe on the synthetic corpus with a tiny model, on CPU.
 
     mm15 demo --workdir runs/demo
-    mm15 train --config tiny --set data_dir=runs/demo/data --workdir runs/demo
+    mm15 train --config tiny --arg data_dir=runs/demo/data --workdir runs/demo
 
 Resolutions are scaled down 378 -> 32 and 672 -> 64 (tiles at twice the stage-1 size, 4 tiles + overview in
 stage 2, dynamic split in stage 3); learning rates are scaled up for a model this small.

@@ -25,8 +25,16 @@ def train_command(train_args: list[str], num_slices: int = 1) -> list[str]:
 
 
 def run(cmd: list[str], dry_run: bool, check: bool = True) -> int:
-  """Prints the command (shell-quoted, exactly as run) and runs it unless `dry_run`."""
+  """Prints the command (shell-quoted, exactly as run) and runs it unless `dry_run`; with `check`, a failure stops
+  the launcher with one line (the tool's own message is above it)."""
   print(shlex.join(cmd), flush=True)
   if dry_run:
     return 0
-  return subprocess.run(cmd, check=check).returncode
+  try:
+    status = subprocess.run(cmd).returncode
+  except FileNotFoundError:
+    raise SystemExit(f"{cmd[0]}: not found on PATH; install it (gcloud: the Google Cloud CLI, xpk: pip install xpk, "
+                     f"docker) or run with --dry-run to see the commands") from None
+  if check and status:
+    raise SystemExit(f"{shlex.join(cmd[:5])} ... failed with status {status} (its message is above)")
+  return status

@@ -1,6 +1,7 @@
 """Runs one command as N jax processes on this machine: multi-host training without a cluster.
 
-    python launch/local.py --processes 2 --devices-per-process 4 -- python -m mm15_jax.cli train --config tiny ...
+    python launch/local.py --processes 2 --devices-per-process 4 -- \\
+        mm15 train --config tiny --arg data_dir=runs/demo/data --workdir runs/multiprocess
 
 Every process gets MM15_COORDINATOR=127.0.0.1:<free port>, MM15_NUM_PROCESSES, MM15_PROCESS_ID (read by
 mm15_jax.train.distributed.initialize), JAX_PLATFORMS=cpu and

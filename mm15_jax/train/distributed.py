@@ -1,8 +1,10 @@
 """Multi-host start-up: one process per host, `jax.distributed.initialize` before any other jax call.
 
-On TPU VMs jax finds the coordinator itself. Elsewhere (CPU processes on one machine, GPU clusters) set
-MM15_COORDINATOR=host:port, MM15_NUM_PROCESSES and MM15_PROCESS_ID (launch/local.py does this). Cross-process
-collectives of the CPU backend go over gloo (jax's CPU client has none unless told before it is created).
+On Cloud TPU (TPU VMs and GKE TPU nodes, one host or many) `jax.distributed.initialize()` is called without
+arguments, as jax requires there: it reads the coordinator, process count and id from the TPU metadata (GKE: the
+TPU_WORKER_* variables). Elsewhere (CPU processes on one machine, GPU clusters) set MM15_COORDINATOR=host:port,
+MM15_NUM_PROCESSES and MM15_PROCESS_ID (launch/local.py does this). Cross-process collectives of the CPU backend go
+over gloo (jax's CPU client has none unless told before it is created).
 """
 from __future__ import annotations
 
@@ -33,9 +35,17 @@ def initialize() -> None:
     # Only the CPU client reads this; harmless on GPU/TPU, where host-side arrays still live on the CPU client.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
-    jax.distributed.initialize()  # multi-host TPU slice: everything comes from the TPU metadata
+  elif on_cloud_tpu():
+    jax.distributed.initialize()
   _initialized = True
+
+
+def on_cloud_tpu() -> bool:
+  """Whether this host has TPU chips that jax will use: `import jax` found them on the PCI bus with libtpu
+  installed (jax's own test, which its TPU cluster detection also requires), and JAX_PLATFORMS allows TPU."""
+  from jax._src import cloud_tpu_init
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  return cloud_tpu_init.running_in_cloud_tpu_vm and (not platforms or "tpu" in platforms.split(","))
 
 
 # Steps between cross-host agreements on preemption (multi-process runs only). Each agreement is one all-gather of
