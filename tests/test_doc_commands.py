@@ -19,8 +19,8 @@ import shlex
 
 import pytest
 
-from mm15_jax import cli, config as config_lib
-from mm15_jax.configs import models, tiny
+from mm15_jax import cli, config as config_lib, errors
+from mm15_jax.configs import presets, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND_START = re.compile(r"^(?:\$ )?(mm15 |python3? launch/\w+\.py|python3? -m mm15_jax\.cli )")
@@ -135,7 +135,7 @@ def resolve_mm15(argv: list[str]) -> str:
     resolved.append(f"demo: {exp.name}")
 
   def params(a):
-    models.get(a.model)
+    presets.get(a.model)
     resolved.append(f"params: {a.model}")
 
   def parse_only(a):
@@ -148,7 +148,8 @@ def resolve_mm15(argv: list[str]) -> str:
     argv = [*argv, "--help"]
   patched = {"cmd_train": config_command, "cmd_aot": config_command, "cmd_eval": config_command,
              "cmd_config": config_command, "cmd_demo": demo, "cmd_params": params, "cmd_synth": parse_only,
-             "cmd_convert": parse_only, "cmd_convert_hf": parse_only, "cmd_eval_import": parse_only}
+             "cmd_convert": parse_only, "cmd_convert_hf": parse_only, "cmd_eval_import": parse_only,
+             "cmd_generate": config_command, "cmd_export_hf": parse_only, "cmd_ablate": config_command}
   saved = {name: getattr(cli, name) for name in patched}
   out = io.StringIO()
   try:
@@ -210,7 +211,7 @@ README_COMMANDS = readme_commands()
 def test_the_docs_show_commands():
   """The extraction finds the commands it is meant to check (a broken extractor would check nothing)."""
   places = {where.split(":")[0] for where, _ in DOC_COMMANDS}
-  assert {"configs/mm15.py", "configs/tiny.py", "configs/models.py", "launch/tpu_vm.py", "launch/xpk.py",
+  assert {"configs/mm15.py", "configs/tiny.py", "configs/presets.py", "launch/tpu_vm.py", "launch/xpk.py",
           "launch/local.py"} <= places
   assert any(cmd.startswith("python launch/tpu_vm.py") and "--workdir" in cmd for _, cmd in DOC_COMMANDS)
   assert len(README_COMMANDS) >= 10
@@ -237,6 +238,6 @@ def test_readme_command_resolves(where, command):
 ])
 def test_a_wrong_command_fails(command, message, capsys):
   """The checks above can fail: the mistakes the documentation used to make are caught."""
-  with pytest.raises((SystemExit, TypeError, KeyError, ValueError)) as e:
+  with pytest.raises((SystemExit, TypeError, KeyError, ValueError, errors.UserError)) as e:
     resolve(command)
   assert message in str(e.value) + capsys.readouterr().err + type(e.value).__name__
