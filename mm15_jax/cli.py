@@ -97,6 +97,16 @@ def _add_config_flags(p):
   p.add_argument("--set", action="append", default=[], help="dotted override, e.g. stages.sft.steps=10")
 
 
+def _add_eval_flags(p):
+  """What an evaluation reads and how it generates (mm15 eval, mm15 ablate)."""
+  p.add_argument("--data-dir", default="", help="where the benchmarks are (default: the stage's data_dir)")
+  p.add_argument("--benchmarks", default="", help="comma-separated names (default: every 'test' split)")
+  p.add_argument("--n-max", type=int, default=0, help="inference dynamic split n_max, up to 16 (0: the stage's)")
+  p.add_argument("--max-examples", type=int, default=0, help="per benchmark; 0 = all")
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--max-new-tokens", type=int, default=24)
+
+
 def cmd_train(a):
   from mm15_jax import config as config_lib
   from mm15_jax.eval import run as eval_run
@@ -292,12 +302,7 @@ def main(argv: list[str] | None = None):
                  help="dotted key=v1,v2,... (as --set); several --grid: their product")
   p.add_argument("--workdir", required=True, help="shared stages, one folder per point, ablation.md/.json/.png")
   p.add_argument("--stage", default="", help="consecutive stages each point trains (default: the last)")
-  p.add_argument("--data-dir", default="", help="where the benchmarks are (default: the stage's data_dir)")
-  p.add_argument("--benchmarks", default="", help="comma-separated names (default: every 'test' split)")
-  p.add_argument("--n-max", type=int, default=0, help="inference dynamic split n_max (0: the stage's)")
-  p.add_argument("--max-examples", type=int, default=0, help="per benchmark; 0 = all")
-  p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--max-new-tokens", type=int, default=24)
+  _add_eval_flags(p)
   p.set_defaults(fn=cmd_ablate)
 
   p = sub.add_parser("aot", help="compile the train step for a TPU topology here; per-chip memory and FLOPs")
@@ -316,12 +321,7 @@ def main(argv: list[str] | None = None):
   p.add_argument("--workdir", default="", help="evaluate the final checkpoint of a stage (--stage, default last)")
   p.add_argument("--checkpoint", default="", help="a checkpoint directory (its latest step) instead")
   p.add_argument("--stage", default="", help="stage whose data settings (tokenizer, tiles) apply; default last")
-  p.add_argument("--data-dir", default="", help="where the benchmarks are (default: the stage's data_dir)")
-  p.add_argument("--benchmarks", default="", help="comma-separated names (default: every 'test' split)")
-  p.add_argument("--n-max", type=int, default=0, help="inference dynamic split n_max, up to 16 (0: the stage's)")
-  p.add_argument("--max-examples", type=int, default=0, help="per benchmark; 0 = all")
-  p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--max-new-tokens", type=int, default=24)
+  _add_eval_flags(p)
   p.add_argument("--out", default="", help="report folder (with --checkpoint; --workdir writes WORKDIR/eval)")
   p.set_defaults(fn=cmd_eval)
   q = p.add_subparsers(dest="eval_command").add_parser(

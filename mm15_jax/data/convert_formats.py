@@ -424,13 +424,18 @@ def llava_record(entry: Any, opts: ConvertOptions) -> dict:
   return {"kind": "sft", "source": opts.source, "category": opts.category, "messages": messages, "images": images}
 
 
-def read_llava(shard: Shard, opts: ConvertOptions) -> Iterator[tuple[str, dict | BadEntry]]:
+def _read_entries(shard: Shard, opts: ConvertOptions, make_record) -> Iterator[tuple[str, dict | BadEntry]]:
+  """(key, record or BadEntry) for the JSON entries of a shard; the key is the entry's "id" or its index."""
   for index, entry in enumerate(shard.entries, start=shard.start):
     key = str(entry["id"]) if isinstance(entry, dict) and "id" in entry else f"entry {index}"
     try:
-      yield key, llava_record(entry, opts)
+      yield key, make_record(entry, opts)
     except BadEntry as e:
       yield key, e
+
+
+def read_llava(shard: Shard, opts: ConvertOptions) -> Iterator[tuple[str, dict | BadEntry]]:
+  return _read_entries(shard, opts, llava_record)
 
 
 def llava_video_record(entry: Any, opts: ConvertOptions) -> dict:
@@ -468,12 +473,7 @@ def llava_video_record(entry: Any, opts: ConvertOptions) -> dict:
 
 
 def read_llava_video(shard: Shard, opts: ConvertOptions) -> Iterator[tuple[str, dict | BadEntry]]:
-  for index, entry in enumerate(shard.entries, start=shard.start):
-    key = str(entry["id"]) if isinstance(entry, dict) and "id" in entry else f"entry {index}"
-    try:
-      yield key, llava_video_record(entry, opts)
-    except BadEntry as e:
-      yield key, e
+  return _read_entries(shard, opts, llava_video_record)
 
 
 def read_rico(shard: Shard, opts: ConvertOptions) -> Iterator[tuple[str, dict | BadEntry]]:

@@ -200,7 +200,7 @@ def _general_qa(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
   return f"Is there a {color} {shape}?", "yes" if present else "no"
 
 
-def _conversation(pairs: list[tuple[str, str]]) -> list[dict]:
+def conversation(pairs: list[tuple[str, str]]) -> list[dict]:
   messages = []
   for i, (q, a) in enumerate(pairs):
     messages.append({"role": "user", "content": ("<image>\n" if i == 0 else "") + q})
@@ -220,7 +220,7 @@ def make_sft_general(rng: np.random.Generator, split: str) -> dict:
     q, a = _general_qa(scene, rng)
     return held_out_record("sft_general", "general", q, a, scene.png, "exact")
   pairs = [_general_qa(scene, rng) for _ in range(int(rng.integers(1, 4)))]
-  return _record("sft", "sft_general", "general", messages=_conversation(pairs), images=[scene.png])
+  return _record("sft", "sft_general", "general", messages=conversation(pairs), images=[scene.png])
 
 
 def _ground_qa(scene: Scene, rng: np.random.Generator, kind: int) -> tuple[str, str]:
@@ -242,7 +242,7 @@ def make_sft_refer_ground(rng: np.random.Generator, split: str) -> dict:
   # Grounding (box answers) is what the held-out split asks, so it gets half of the turns.
   kinds = [0 if rng.random() < 0.5 else int(rng.integers(1, 4)) for _ in range(int(rng.integers(1, 4)))]
   pairs = [_ground_qa(scene, rng, k) for k in kinds]
-  return _record("sft", "sft_refer_ground", "refer_ground", messages=_conversation(pairs), images=[scene.png])
+  return _record("sft", "sft_refer_ground", "refer_ground", messages=conversation(pairs), images=[scene.png])
 
 
 def make_sft_multi_image(rng: np.random.Generator, split: str) -> dict:

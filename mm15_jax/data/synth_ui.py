@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mm15_jax.data.synth_docs import CITIES, NAMES, font, pick
-from mm15_jax.data.synth_scenes import box_text, png_bytes
+from mm15_jax.data.synth_scenes import box_text, conversation, png_bytes
 
 CATEGORY = "ui"
 ELEMENT_TYPES = ("status bar", "app bar", "button", "text field", "switch", "checkbox", "icon", "text", "list item",
@@ -479,16 +479,8 @@ def interaction_pairs(screen: Screen, rng) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------------------------------------------
 # Records.
 
-def _conversation(pairs: list[tuple[str, str]]) -> list[dict]:
-  messages = []
-  for i, (q, a) in enumerate(pairs):
-    messages.append({"role": "user", "content": ("<image>\n" if i == 0 else "") + q})
-    messages.append({"role": "assistant", "content": a})
-  return messages
-
-
 def sft_record(source: str, pairs: list[tuple[str, str]], image: bytes) -> dict:
-  return {"kind": "sft", "source": source, "category": CATEGORY, "messages": _conversation(pairs), "images": [image]}
+  return {"kind": "sft", "source": source, "category": CATEGORY, "messages": conversation(pairs), "images": [image]}
 
 
 def held_out(source: str, question: str, answers: list[str], image: bytes, metric: str) -> dict:
