@@ -225,3 +225,27 @@ def test_failed_metrics_write_raises(env, workspace):
   result = run([sys.executable, "-c", "from mm15_jax.train.logs import MetricsWriter; "
                 "MetricsWriter('gs://no-such-bucket/run').write(1, {'loss': 1.0})"], env, workspace)
   assert result.returncode != 0 and "no-such-bucket" in result.stderr
+
+
+def test_workdir_lease_in_a_bucket(env, workspace):
+  """A second run on a gs:// workdir is refused while the first lives; once the holder is gone its lease is taken
+  over (both through object generation preconditions on the real server)."""
+  take = textwrap.dedent(f"""
+      import sys, time
+      from mm15_jax.train import lock
+      with lock.WorkdirLock("gs://{BUCKET}/leased"):
+        print("held", flush=True)
+        time.sleep(float(sys.argv[1]))
+      """)
+  holder = subprocess.Popen([sys.executable, "-c", take, "600"], env=env, cwd=workspace, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held", holder.stderr.read()
+    second = run([sys.executable, "-c", take, "0"], env, workspace)
+    assert second.returncode != 0 and "is in use by" in second.stderr and "gs://mm15-test/leased" in second.stderr
+  finally:
+    holder.kill()
+    holder.wait()
+  third = run([sys.executable, "-c", take, "0"], env, workspace)  # the holder's pid is gone: a stale lease
+  assert third.returncode == 0 and "held" in third.stdout, third.stderr[-2000:]
+  assert "took over the workdir lease" in third.stderr
