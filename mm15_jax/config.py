@@ -450,8 +450,8 @@ def validate_inputs(exp: Experiment, index: int, workdir: str, device_count: int
   _require(epath.Path(data_dir).is_dir(), f"{key}.data.data_dir", data_dir,
            "no such folder (make one with `mm15 data synth` or `mm15 data convert`)")
   tokenizer = stage.data.tokenizer
-  _require(bool(tokenizer) and epath.Path(tokenizer).is_file(), f"{key}.data.tokenizer", tokenizer,
-           "no such file: give the sentencepiece .model file")
+  _require(bool(tokenizer) and epath.Path(tokenizer).exists(), f"{key}.data.tokenizer", tokenizer,
+           "not found: give a sentencepiece .model file, a tokenizer.json or its folder")
   if stage.init_from not in ("", "previous"):
     _require(epath.Path(stage.init_from).is_dir(), f"{key}.init_from", stage.init_from,
              "no such checkpoint folder")
@@ -460,13 +460,10 @@ def validate_inputs(exp: Experiment, index: int, workdir: str, device_count: int
 
 def _check_writable(workdir: str) -> None:
   from etils import epath
-  path = epath.Path(workdir)
-  if path.exists() and not path.is_dir():
+  from mm15_jax import paths
+  if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
     raise UserError(f"--workdir {workdir}: is a file, not a folder")
   try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / ".mm15-write-test"
-    probe.write_text("")
-    probe.unlink()
-  except OSError as e:
-    raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e})") from e
+    paths.ensure_writable_dir(workdir)  # a probe object of its own; nothing already there is touched
+  except paths.StorageError as e:
+    raise UserError(f"--workdir {e}") from e

@@ -50,16 +50,19 @@ _STORAGE_MESSAGES = {os.strerror(code).lower(): code for code in
 def root_cause(exc: BaseException) -> str:
   """The innermost actionable reason of `exc` as a short lower-case phrase, e.g. "no space left on device (PATH)"."""
   chain = list(_chain(exc))
+  # The file: an OSError's own, else one a library names in its message (TensorStore: Error writing local file
+  # "PATH": ...). A write that fails at close carries no filename, and the library's wrapper may hold it.
+  paths = [e.filename for e in chain if isinstance(e, OSError) and e.filename]
+  paths += [m.group(1) for e in chain for m in [re.search(r'"((?:/|gs://)[^"]+)"', str(e))] if m]
+  where = f" ({paths[0]})" if paths else ""
   for e in chain:
     if isinstance(e, OSError) and e.errno:
-      where = f" ({e.filename})" if e.filename else ""
       return f"{os.strerror(e.errno).lower()}{where}"
   for e in chain:
     text = str(e)
     for phrase in _STORAGE_MESSAGES:
       if phrase in text.lower():
-        path = re.search(r'"((?:/|gs://)[^"]+)"', text)  # TensorStore: Error writing local file "PATH": ...
-        return f"{phrase} ({path.group(1)})" if path else phrase
+        return f"{phrase}{where}"
   innermost = chain[-1] if chain else exc
   lines = [line for line in str(innermost).splitlines() if line.strip()]
   return (lines[-1].strip() if lines else type(innermost).__name__)[:300]

@@ -11,7 +11,7 @@ from fixtures import mesh_of, synthetic_batch, tiny_model
 from mm15_jax import config as config_lib
 from mm15_jax import sharding
 from mm15_jax.config import Experiment, MeshConfig, MoEConfig, StageConfig
-from mm15_jax.models import convert_hf
+from mm15_jax.train import checkpoint as ckpt_lib
 from mm15_jax.train import runner
 from mm15_jax.train import state as state_lib
 
@@ -32,7 +32,7 @@ def _dense_checkpoint(cfg, mesh, directory):
     value = np.asarray(var.get_value())
     var.set_value(jax.device_put(value + 0.1 * rng.standard_normal(value.shape).astype(value.dtype),
                                  var.get_value().sharding))
-  convert_hf.save_checkpoint(directory, params, {"model": config_lib.to_dict(cfg), "step": 0})
+  ckpt_lib.save_params(directory, params, {"model": config_lib.to_dict(cfg), "step": 0})
   return graphdef, params, rest
 
 
@@ -69,7 +69,7 @@ def test_upcycled_logits_equal_the_dense_model(dense, tmp_path):
       np.testing.assert_array_equal(up_flat[path], dense_flat[path], err_msg=str(path))
 
   batch = synthetic_batch(0, batch=8, seq_len=64, max_images=2)
-  inputs = [batch[k] for k in ("tokens", "images", "image_mask", "segment_ids", "positions")]
+  inputs = [getattr(batch, k) for k in ("tokens", "images", "image_mask", "segment_ids", "positions")]
   with sharding.use_mesh(mesh):
     want, _ = nnx.merge(dense_graphdef, dense_params, dense_rest)(*inputs, image_token_id=3)
     got, aux = nnx.merge(graphdef, params, rest)(*inputs, image_token_id=3)
