@@ -371,7 +371,7 @@ def bad_cli_cases(data_dir: str, tmp: str) -> list[tuple[list[str], str]]:
       (["train", "--config", "tiny", "--arg", f"data_dir={tmp}/none", "--workdir", tmp],
        f"stages.pretrain.data.data_dir='{tmp}/none': no such folder"),
       (train + ["--set", f"stages.pretrain.data.tokenizer={tmp}/none.model"],
-       f"stages.pretrain.data.tokenizer='{tmp}/none.model': no such file"),
+       f"stages.pretrain.data.tokenizer='{tmp}/none.model': not found"),
       (["train", "--config", "tiny", "--arg", f"data_dir={data_dir}", "--workdir", afile], "is a file, not a folder"),
       (["eval", "--config", "tiny", "--arg", f"data_dir={data_dir}", "--workdir", empty],
        f"checkpoint directory {empty}/sft/checkpoints does not exist"),
