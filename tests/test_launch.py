@@ -184,6 +184,9 @@ def test_worker_job_is_detached_and_logs_reattach(worker_home):
   out = on_worker(worker_home, start)
   assert out.returncode == 0 and time.monotonic() - t < 10  # the ssh session ends at once, the job goes on
   pgid = int((worker_home / "mm15_run" / "train.pid").read_text())
+  deadline = time.monotonic() + 10  # the pid is written once forked; setsid makes it a session leader just after
+  while not group_alive(pgid) and time.monotonic() < deadline:
+    time.sleep(0.05)
   assert group_alive(pgid) and os.getpgid(pgid) == pgid and os.getsid(pgid) == pgid  # its own session
   # A rerun stops the running job (SIGTERM first: it saves), frees the TPU lock and starts the new one.
   start2, logs2 = worker_scripts("--workdir", "gs://b/r", "7")
