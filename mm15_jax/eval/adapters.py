@@ -285,15 +285,7 @@ def _rows(path: str) -> Iterator[tuple[str, dict]]:
         yield f"{path} row {row}", item
         row += 1
     return
-  for k, line in enumerate(_read_lines(path), 1):
-    if line.strip():
-      try:
-        item = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{k}: not JSON ({e.msg})") from None
-      if not isinstance(item, dict):
-        raise ValueError(f"{path}:{k}: expected an object, got {type(item).__name__}")
-      yield f"{path}:{k}", item
+  yield from suites.json_objects(path, _read_lines(path))
 
 
 def _row_image(cell, images_dir: str, where: str) -> bytes:

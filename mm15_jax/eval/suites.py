@@ -17,7 +17,7 @@ import json
 import os
 import re
 import string
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 from etils import epath
 
@@ -178,14 +178,8 @@ class JsonlSource:
     return self.path
 
 
-def read_jsonl(path: str, *, source: str, category: str, metric: str, instruction: str = "") -> list[dict]:
-  """The examples of a JSONL benchmark file as held-out sft records; errors name the file and line."""
-  root = epath.Path(path).parent
-  out = []
-  try:
-    lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
-  except OSError as e:
-    raise FileNotFoundError(f"benchmark file {path} cannot be read ({e.strerror or e})") from e
+def json_objects(path: str, lines: Sequence[str]) -> Iterator[tuple[str, dict]]:
+  """(where, object) for each non-blank line of a JSONL file; a line that is not a JSON object raises, naming it."""
   for n, line in enumerate(lines, 1):
     if not line.strip():
       continue
@@ -196,6 +190,18 @@ def read_jsonl(path: str, *, source: str, category: str, metric: str, instructio
       raise ValueError(f"{where}: not JSON ({e.msg})") from None
     if not isinstance(item, dict):
       raise ValueError(f"{where}: expected an object, got {type(item).__name__}")
+    yield where, item
+
+
+def read_jsonl(path: str, *, source: str, category: str, metric: str, instruction: str = "") -> list[dict]:
+  """The examples of a JSONL benchmark file as held-out sft records; errors name the file and line."""
+  root = epath.Path(path).parent
+  out = []
+  try:
+    lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
+  except OSError as e:
+    raise FileNotFoundError(f"benchmark file {path} cannot be read ({e.strerror or e})") from e
+  for where, item in json_objects(path, lines):
     unknown = set(item) - {"image", "video", "question", "answers", "choices", "id"}
     if unknown:
       raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
