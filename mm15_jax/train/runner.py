@@ -74,11 +74,11 @@ def initial_params(exp: Experiment, index: int, workdir: str, model_cfg: ModelCo
   return graphdef, params, rest
 
 
-def data_iterator(exp: Experiment, index: int, tokenizer: Tokenizer, model_cfg: ModelConfig,
+def data_iterator(exp: Experiment, index: int, tokenizer: Tokenizer, model_cfg: ModelConfig, sources: dict,
                   data_hosts: int | None = None):
-  """(this process's checkpointable iterator of `Batch`es, source names in the order of source_ids)."""
+  """(this process's checkpointable iterator of `Batch`es over the opened `sources`, source names in the order of
+  source_ids)."""
   stage = exp.stages[index]
-  sources = pipeline_lib.open_sources(stage.data, split="train")
   if stage.batch_size % (jax.process_count() * stage.grad_accum):
     raise ValueError(f"config key stages.{stage.name}.batch_size={stage.batch_size} must divide by process count "
                      f"x grad_accum = {jax.process_count() * stage.grad_accum}")
@@ -117,12 +117,12 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
   log(f"[{stage.name}] mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices, "
       f"{jax.process_count()} process(es)")
   model_cfg = stage_lib.stage_model_config(exp.model, stage, tokenizer.vocab_size)
-  data_iter, source_names = data_iterator(exp, index, tokenizer, model_cfg, data_hosts)
+  sources = pipeline_lib.open_sources(stage.data, split="train")
+  data_iter, source_names = data_iterator(exp, index, tokenizer, model_cfg, sources, data_hosts)
 
   checkpointer = ckpt_lib.Checkpointer(layout.checkpoint_dir(workdir, stage), keep=stage.keep_checkpoints,
                                        keep_period=stage.keep_every or None)
   start = checkpointer.latest_step() or 0
-  sources = pipeline_lib.open_sources(stage.data, split="train")
   probe = lambda rows: iter(pipeline_lib.make_dataset(
       dataclasses.replace(stage.data, num_workers=0), sources=sources, tokenizer=tokenizer,
       tokens_per_tile=model_cfg.tokens_per_tile, tile_size=stage.image_size, batch_size=rows, seed=exp.seed,
