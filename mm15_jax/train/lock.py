@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from mm15_jax import errors
+from mm15_jax import errors, paths
 
 LEASE = ".mm15-lock.json"
 
@@ -168,8 +168,7 @@ class WorkdirLock:
 
   def __init__(self, workdir: str, log=None):
     self.workdir = str(workdir)
-    self.path = str(epath.Path(workdir) / LEASE) if str(workdir).startswith("gs://") else \
-        os.path.join(os.path.abspath(workdir), LEASE)
+    self.path = paths.join(paths.absolute(workdir), LEASE)
     self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     self._depth = 0
     self._stop = threading.Event()
@@ -216,6 +215,7 @@ class WorkdirLock:
 
   def _acquire(self):
     epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
+    # Generation preconditions are Cloud Storage's: other object stores have no lease backend here.
     self.backend = _GcsLease(self.path) if self.path.startswith("gs://") else _LocalLease(self.path)
     now = time.time()
     self.lease = {"host": socket.gethostname(), "pid": os.getpid(),
