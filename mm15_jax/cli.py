@@ -1,6 +1,7 @@
 """`mm15`: the command line.
 
   mm15 demo [--workdir DIR]                        synthetic corpus -> 3 stages -> evaluation, on CPU
+            [--variant video|ui]                   then MM1.5-Video / MM1.5-UI from its SFT checkpoint
   mm15 data synth --out DIR [--seed N]             the synthetic corpus (TFDS ArrayRecord) and its tokenizer
                   [--video] [--ui [--ui-size S]]   (+ video QA datasets; + mobile-UI screens and tasks)
   mm15 train --config NAME|FILE.py --workdir DIR   every stage of an experiment (or --stage NAME)
@@ -200,7 +201,7 @@ def cmd_eval_import(a):
 
 def cmd_demo(a):
   from mm15_jax import demo
-  demo.run(a.workdir, scale=a.scale, seed=a.seed, overrides=a.set)
+  demo.run(a.workdir, variant=a.variant, scale=a.scale, seed=a.seed, overrides=a.set)
 
 
 def cmd_synth(a):
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None):
 
   p = sub.add_parser("demo", help="synthetic data, three stages and evaluation on CPU")
   p.add_argument("--workdir", default="runs/demo")
+  p.add_argument("--variant", choices=("image", "video", "ui"), default="image",
+                 help="video / ui: continue the image demo's checkpoint as MM1.5-Video / MM1.5-UI")
   p.add_argument("--scale", type=float, default=1.0, help="multiplies corpus size and step counts")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--set", action="append", default=[], help="dotted override, e.g. stages.sft.steps=100")

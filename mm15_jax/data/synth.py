@@ -134,10 +134,12 @@ def build_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: float = 1.
   return summary
 
 
-def build_video_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: float = 1.0,
-                       progress: Callable[[str], None] | None = print) -> dict:
-  """Writes the video datasets into out_dir (after the image corpus, built first if out_dir has none) and records
-  them under "video_datasets" in corpus.json; returns its content."""
+def add_datasets(out_dir: str | os.PathLike, datasets: dict[str, tuple[Maker, int, int]], key: str, *,
+                 seed: int = 0, scale: float = 1.0, progress: Callable[[str], None] | None = print,
+                 **corpus_fields) -> dict:
+  """Writes `datasets` (train and test splits) into out_dir beside its image corpus (built first if out_dir has
+  none) and records them under `key` in corpus.json, with `corpus_fields`; returns its content. The image corpus's
+  tokenizer stays: a checkpoint trained on it continues on these datasets."""
   progress = progress or (lambda _: None)
   out = paths.ensure_writable_dir(out_dir)
   if not (out / CORPUS_FILE).exists():
@@ -145,18 +147,33 @@ def build_video_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: floa
   summary = json.loads((out / CORPUS_FILE).read_text())
   if (summary["seed"], summary["scale"]) != (seed, scale):
     progress(f"synth: note: the image corpus in {out} was built with seed {summary['seed']}, scale "
-             f"{summary['scale']}; the video datasets use seed {seed}, scale {scale}")
-  counts = {name: {split: max(1, round(n * scale)) for split, n in (("train", n_train), ("test", n_test))}
-            for name, (_, n_train, n_test) in synth_video.DATASETS.items()}
+             f"{summary['scale']}; the {key.removesuffix('_datasets')} datasets use seed {seed}, scale {scale}")
+  counts = {name: {split: max(1, round(n * scale)) for split, n in (("train", n_train), ("test", n_test)) if n}
+            for name, (_, n_train, n_test) in datasets.items()}
   for name, split_sizes in counts.items():
     t0 = time.time()
-    records.write_source(out, name, {split: generate(name, split, n, seed) for split, n in split_sizes.items()},
+    records.write_source(out, name, {split: generate(name, split, n, seed, datasets)
+                                     for split, n in split_sizes.items()},
                          description=f"synthetic {name} (seed {seed}, scale {scale})")
     sizes = ", ".join(f"{split} {n}" for split, n in split_sizes.items())
     progress(f"synth: {name:<18} {sizes:<22} {time.time() - t0:5.1f}s")
-  summary["video_datasets"] = counts
+  summary.update({key: counts, **corpus_fields})
   (out / CORPUS_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
   return summary
+
+
+def build_video_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: float = 1.0,
+                       progress: Callable[[str], None] | None = print) -> dict:
+  """The video datasets (synth_video.py) added to out_dir's image corpus, under "video_datasets" in corpus.json."""
+  return add_datasets(out_dir, synth_video.DATASETS, "video_datasets", seed=seed, scale=scale, progress=progress)
+
+
+def add_ui_datasets(out_dir: str | os.PathLike, *, seed: int = 0, scale: float = 1.0, ui_size: str = "small",
+                    progress: Callable[[str], None] | None = print) -> dict:
+  """The UI datasets (synth_ui.py) added to out_dir's image corpus with its tokenizer (`build_corpus(ui=True)`
+  instead trains the tokenizer on the UI text too), under "ui_datasets" in corpus.json."""
+  return add_datasets(out_dir, synth_ui.datasets(ui_size), "ui_datasets", seed=seed, scale=scale,
+                      progress=progress, ui_size=ui_size)
 
 
 def synth_command(args) -> None:
