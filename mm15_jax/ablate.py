@@ -180,10 +180,15 @@ def shared_chain(exp: Experiment, first_swept: int) -> list[int]:
   return chain
 
 
+# Experiment fields that change where a run reports, not what it trains: a rerun may change them.
+_REPORTING = ("logging", "profile")
+
+
 def _same_config(saved: dict, current: dict) -> bool:
   """Equal as experiments: a field the saved config lacks (added to the code since) counts at its default."""
   try:
-    as_experiment = lambda d: config_lib.to_dict(config_lib.from_dict(Experiment, d))
+    as_experiment = lambda d: {k: v for k, v in config_lib.to_dict(config_lib.from_dict(Experiment, d)).items()
+                               if k not in _REPORTING}
     return as_experiment(saved) == as_experiment(current)
   except (KeyError, TypeError):  # a field the code no longer has
     return False

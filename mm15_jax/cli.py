@@ -23,7 +23,8 @@
   mm15 convert-hf --vision DIR --decoder DIR --out CKPT
                                                    HF / open_clip ViT + HF LLM safetensors -> a stage-1 checkpoint
   mm15 export-hf --checkpoint DIR --tokenizer F --out DIR
-                                                   transformers model (remote code) + the decoder as a standard LLM
+                                                   transformers model + processor (remote code) + the decoder as
+                                                   a standard LLM
   mm15 aot --config NAME --topology v5p:4x4x4    compile the train step for a TPU slice: per-chip memory, FLOPs
                                                    collective bytes, a roofline estimate; --hlo FILE: the HLO
   mm15 params --model NAME                         parameter counts, without allocating weights
@@ -391,7 +392,8 @@ def main(argv: list[str] | None = None):
 
   p = sub.add_parser("export-hf", help="a checkpoint -> transformers (remote code) + its decoder as a standard LLM")
   p.add_argument("--checkpoint", required=True, help="checkpoint directory (its latest step)")
-  p.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with (its image id)")
+  p.add_argument("--tokenizer", required=True,
+                 help="the tokenizer the model was trained with (its ids; copied to OUT/tokenizer for the processor)")
   p.add_argument("--out", required=True, help="directory to write (the decoder alone goes to OUT/decoder)")
   p.set_defaults(fn=cmd_export_hf)
 

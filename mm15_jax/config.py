@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from typing import Any
 
@@ -224,6 +225,22 @@ class MeshConfig:
   dcn_data: int = 1
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+  """Where a stage's scalars go besides <workdir>/<stage>/metrics.jsonl and TensorBoard (train/wandb_log.py)."""
+  wandb: str = ""                # Weights & Biases "entity/project" or "project"; "" (the default): no W&B
+  wandb_mode: str = "online"     # "online", "offline" (local files for `wandb sync`) or "disabled"
+
+
+@dataclasses.dataclass
+class ProfileConfig:
+  """A jax.profiler trace of some train steps of each stage run, in <workdir>/<stage>/profile (train/profile.py)."""
+  steps: str = ""                # "A:B": steps A..B-1, numbered as logged (step 1 carries the compile); "": none
+
+
 @dataclasses.dataclass
 class Experiment:
   name: str = "mm15"
@@ -231,6 +248,8 @@ class Experiment:
   stages: list[StageConfig] = dataclasses.field(default_factory=list)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   seed: int = 0
+  logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+  profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
 
 
 def to_dict(cfg) -> dict[str, Any]:
@@ -386,6 +405,30 @@ def _require(ok: bool, key: str, value, what: str):
     raise UserError(f"config key {key}={value!r}: {what}")
 
 
+# A W&B project: no '/', '\\', '#', '?', '%', ':' or whitespace; optionally after "entity/".
+_WANDB_PROJECT = re.compile(r"(?:[^/\\#?%:\s]+/)?[^/\\#?%:\s]+")
+
+
+def profile_steps(cfg: ProfileConfig) -> tuple[int, int] | None:
+  """(A, B) of profile.steps="A:B", None when empty; raises UserError on anything but 1 <= A < B."""
+  if not cfg.steps:
+    return None
+  match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", cfg.steps)
+  first, end = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+  _require(match is not None and 1 <= first < end, "profile.steps", cfg.steps,
+           "give A:B with 1 <= A < B: the trace covers steps A..B-1 (step 1 carries the compile)")
+  return first, end
+
+
+def _validate_tracking(exp: Experiment) -> None:
+  _require(exp.logging.wandb_mode in WANDB_MODES, "logging.wandb_mode", exp.logging.wandb_mode,
+           f"must be one of {', '.join(WANDB_MODES)}")
+  _require(not exp.logging.wandb or _WANDB_PROJECT.fullmatch(exp.logging.wandb) is not None, "logging.wandb",
+           exp.logging.wandb, "give a W&B \"entity/project\" or \"project\" (no spaces, '\\', '#', '?', '%', ':'), "
+           "or '' for none")
+  profile_steps(exp.profile)
+
+
 def validate(exp: Experiment) -> None:
   """Types (no bool for a number), ranges and stage names of `exp`; raises UserError naming the key."""
   _check_types(exp)
@@ -428,11 +471,13 @@ def validate(exp: Experiment) -> None:
     _require(size == -1 or size >= 1, f"mesh.{axis}", size, "an axis size is >= 1, or -1 for the rest")
   free = [a for a, v in sizes.items() if v == -1]
   _require(len(free) <= 1, "mesh", sizes, f"at most one axis may be -1 (got {free})")
+  _validate_tracking(exp)
 
 
 def validate_inputs(exp: Experiment, index: int, workdir: str, device_count: int | None = None) -> None:
   """What stage `index` reads and writes exists: the mesh fits the devices, the data dir, the tokenizer, an
-  `init_from` directory, a writable workdir. Raises UserError naming the key or path."""
+  `init_from` directory, a writable workdir, the wandb package when logging.wandb is set. Raises UserError naming
+  the key or path."""
   from etils import epath
   validate(exp)
   if device_count is None:
@@ -456,6 +501,8 @@ def validate_inputs(exp: Experiment, index: int, workdir: str, device_count: int
     _require(epath.Path(stage.init_from).is_dir(), f"{key}.init_from", stage.init_from,
              "no such checkpoint folder")
   _check_writable(workdir)
+  from mm15_jax.train import wandb_log
+  wandb_log.require_installed(exp.logging)
 
 
 def _check_writable(workdir: str) -> None:

@@ -17,3 +17,8 @@ def checkpoint_dir(workdir: str, stage: StageConfig) -> str:
 def eval_dir(workdir: str) -> str:
   """report.json, categories.png and predictions.jsonl of `mm15 eval --workdir`."""
   return paths.join(workdir, "eval")
+
+
+def profile_dir(workdir: str, stage: StageConfig) -> str:
+  """The stage's jax.profiler traces (profile.steps), as `tensorboard --logdir` reads them: plugins/profile/<run>/."""
+  return paths.join(stage_dir(workdir, stage), "profile")

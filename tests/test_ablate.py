@@ -39,6 +39,9 @@ def test_parse_grid_and_point_names():
   assert not ablate._same_config(old, {"seed": 0, "stages": [{"name": "ocr", "data": {"mixture": {"a": 1.0,
                                                                                                   "b": 1.0}}}]})
   assert not ablate._same_config({"seed": 0, "gone": 1}, {"seed": 0})
+  # Where a run reports (W&B, profiling) is not part of what it trains: a rerun may change it.
+  reporting = {"logging": {"wandb": "team/mm15", "wandb_mode": "offline"}, "profile": {"steps": "2:4"}}
+  assert ablate._same_config(old, {**old, **reporting})
   for bad, match in ((["x"], "expected key=value"), (["a=1", "a=2"], "given twice"), (["a=1,1"], "repeated"),
                      ([], "at least one")):
     with pytest.raises(ablate.AblationError, match=match):

@@ -1,6 +1,9 @@
-"""`mm15 export-hf`: the decoder as a standard HF checkpoint; transformers' logits equal the JAX model's."""
+"""`mm15 export-hf`: the decoder as a standard HF checkpoint; transformers' logits equal the JAX model's; the exported
+processor gives the inputs the project's own pipeline gives."""
+import contextlib
 import dataclasses
 import importlib
+import io
 import json
 
 import jax
@@ -10,17 +13,24 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from PIL import Image  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from mm15_jax import cli  # noqa: E402
 from mm15_jax import config as config_lib  # noqa: E402
-from mm15_jax.config import (ConnectorConfig, DecoderConfig, ModelConfig, MoEConfig, RopeScaling,  # noqa: E402
-                             VisionConfig)
+from mm15_jax.config import (ConnectorConfig, DataConfig, DecoderConfig, ModelConfig, MoEConfig,  # noqa: E402
+                             RopeScaling, SplitConfig, StageConfig, VisionConfig)
 from mm15_jax.convert import export_hf, hf_import  # noqa: E402
-from mm15_jax.eval import generate  # noqa: E402
+from mm15_jax.data import samples  # noqa: E402
+from mm15_jax.data.tokenizer import Tokenizer  # noqa: E402
+from mm15_jax.eval import ask, generate  # noqa: E402
+from mm15_jax.eval import run as eval_run  # noqa: E402
 from mm15_jax.models.decoder import Decoder  # noqa: E402
 from mm15_jax.models.multimodal import MultimodalModel  # noqa: E402
 from mm15_jax.train import checkpoint  # noqa: E402
+
+from test_images import natural_image  # noqa: E402
+from test_tokenizer_hf import hf_dir  # noqa: E402,F401 (fixture)
 
 TOL = 1e-4
 BASE = dict(vocab_size=384, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=96, rope_theta=500.0,
@@ -118,3 +128,136 @@ def test_export_command_image_and_text_logits(tok, tmp_path, capsys):
                                               stop_ids=(), max_new_tokens=5))
   with pytest.raises(SystemExit, match="already holds model.safetensors"):
     cli.main(["export-hf", "--checkpoint", ckpt, "--tokenizer", tok.model_path, "--out", str(out)])
+
+
+# --- the exported processor: PIL images + a prompt -> the inputs the project's own pipeline gives ---------------------
+
+def exported_model(tok, split: SplitConfig, out, tmp_path, seed: int = 3):
+  """(model, its config, the stage, out): a random tiny model saved as the stage `split` belongs to, exported."""
+  cfg = ModelConfig(vision=VisionConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64,
+                                        feature_layer=-2, act="gelu"),
+                    connector=ConnectorConfig(hidden=24, depth=1, pooled_side=2),
+                    decoder=DecoderConfig(**dict(BASE, vocab_size=tok.vocab_size, max_len=512)), dtype="float32")
+  model = MultimodalModel(cfg, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(state))))
+  nnx.update(model, jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), state))
+  stage = StageConfig(name="sft", image_size=16, data=DataConfig(tokenizer=tok.model_path, split=split))
+  ckpt = str(tmp_path / "ckpt")
+  checkpoint.save_params(ckpt, nnx.state(model, nnx.Param),
+                         {"model": config_lib.to_dict(cfg), "stage": config_lib.to_dict(stage), "step": 0})
+  with contextlib.redirect_stdout(io.StringIO()):
+    cli.main(["export-hf", "--checkpoint", ckpt, "--tokenizer", tok.model_path, "--out", str(out)])
+  return model, cfg, stage
+
+
+def project_inputs(tok, stage, cfg, record: dict, n_max=None):
+  """(ids, uint8 tiles) of the prompt as `mm15 generate` encodes it (samples.encode_prompt, the stage's split)."""
+  spec = eval_run.eval_spec(stage.data, tile_size=stage.image_size, tokens_per_tile=cfg.tokens_per_tile, n_max=n_max)
+  sample = samples.encode_prompt(record, tok, spec, n_max=n_max, where="test")
+  return sample.ids, sample.tiles
+
+
+def png(image: Image.Image) -> bytes:
+  buf = io.BytesIO()
+  image.save(buf, "PNG")
+  return buf.getvalue()
+
+
+def sample_images():
+  """An RGB photo-like image whose overview shrinks 7.5x (reduced first), a small one that is enlarged, a grey one
+  and one with transparency."""
+  rgba = np.concatenate([natural_image(30, 50, seed=2), np.full((30, 50, 1), 255, np.uint8)], axis=-1)
+  rgba[5:20, 10:30, 3] = 0
+  return {"photo": Image.fromarray(natural_image(70, 120, seed=1)), "small": Image.fromarray(natural_image(40, 30)),
+          "grey": Image.fromarray(natural_image(64, 20, seed=4)[..., 0]), "alpha": Image.fromarray(rgba, "RGBA")}
+
+
+DYNAMIC = SplitConfig(mode="dynamic", n_min=2, n_max=6, resample="antialias")
+PROCESSOR_CASES = {  # split, images, prompt or messages, n_max
+    "dynamic": (DYNAMIC, ["photo"], "Where is the red box?", None),
+    "static_separator_overview_first": (
+        SplitConfig(mode="static", static_grid=2, overview_first=True, tile_markers="separator", resample="antialias"),
+        ["small"], "Look: <image> what is it?", None),
+    "three_images_unsplit": (DYNAMIC, ["alpha", "grey", "photo"], "Compare them.", None),
+    "n_max_and_fast_stage": (dataclasses.replace(DYNAMIC, resample="fast"), ["photo"], "Read it.", 8),
+    "conversation": (DYNAMIC, ["small"], [{"role": "system", "content": "be brief"},
+                                          {"role": "user", "content": "<image>\nwhat color is the box?"},
+                                          {"role": "assistant", "content": "red"},
+                                          {"role": "user", "content": "and the dog?"}], None),
+}
+
+
+def check_processor(out, tok, stage, cfg, case):
+  split, names, prompt, n_max = case
+  images = sample_images()
+  raws = [png(images[n]) for n in names]
+  processor = transformers.AutoProcessor.from_pretrained(str(out), trust_remote_code=True)
+  pil = [Image.open(io.BytesIO(raw)) for raw in raws]
+  if isinstance(prompt, str):
+    got = processor(text=prompt, images=pil, n_max=n_max)
+    record = ask.prompt_record(prompt, raws)
+  else:
+    got = processor(messages=prompt, images=pil, n_max=n_max)
+    record = {"kind": "sft", "images": raws, "messages": prompt}
+  # The processor always resizes as "antialias" does: a "fast" stage is compared with its antialiased tiles.
+  reference_stage = dataclasses.replace(stage, data=dataclasses.replace(
+      stage.data, split=dataclasses.replace(stage.data.split, resample="antialias")))
+  ids, tiles = project_inputs(tok, reference_stage, cfg, record, n_max=n_max)
+  assert got["input_ids"].dtype == torch.long and got["input_ids"][0].tolist() == ids.tolist()
+  assert got["attention_mask"].tolist() == [[1] * len(ids)]
+  remote = importlib.import_module(type(processor).__module__.rsplit(".", 1)[0] + ".modeling_mm15")
+  # Exactly equal: the project's tolerance for "antialias" tiles is none (tests/test_images.py assert_resampled).
+  assert torch.equal(got["pixel_values"], remote.preprocess_tiles(torch.from_numpy(tiles)))
+  assert int((got["input_ids"] == tok.image_id).sum()) == len(tiles) * cfg.tokens_per_tile
+  assert processor.decode(got["input_ids"][0]) == tok.decode(ids)
+  return processor, got, ids, tiles
+
+
+@pytest.mark.parametrize("case", list(PROCESSOR_CASES))
+def test_processor_inputs_equal_the_projects(case, tok, tmp_path):
+  split = PROCESSOR_CASES[case][0]
+  out = tmp_path / "hf"
+  _, cfg, stage = exported_model(tok, split, out, tmp_path)
+  saved = json.loads((out / "processor_config.json").read_text())
+  assert saved["split"]["mode"] == split.mode and saved["tile_size"] == 16
+  assert saved["trained_resample"] == split.resample
+  check_processor(out, tok, stage, cfg, PROCESSOR_CASES[case])
+
+
+def test_processor_with_the_llms_tokenizer_and_template(hf_dir, tmp_path):
+  kind, directory = hf_dir
+  hf_tok = Tokenizer(str(directory))
+  assert hf_tok.chat_template == "llm"
+  out = tmp_path / "hf"
+  _, cfg, stage = exported_model(hf_tok, DYNAMIC, out, tmp_path)
+  for case in ("dynamic", "conversation", "three_images_unsplit"):
+    _, got, ids, _ = check_processor(out, hf_tok, stage, cfg, PROCESSOR_CASES[case])
+    assert (ids[0] == hf_tok.bos_id) == (kind == "llama3")  # Qwen2 prompts start without BOS
+
+
+def test_processor_inputs_give_the_jax_models_logits(tok, tmp_path):
+  out = tmp_path / "hf"
+  model, cfg, stage = exported_model(tok, DYNAMIC, out, tmp_path)
+  assert json.loads((out / "config.json").read_text())["auto_map"]["AutoProcessor"] == "processing_mm15.Mm15Processor"
+  processor, inputs, ids, tiles = check_processor(out, tok, stage, cfg, PROCESSOR_CASES["dynamic"])
+  assert len(tiles) > 3  # a grid of tiles and the overview
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float32)
+  tokens = ids[None].astype(np.int32)
+  pos = np.arange(tokens.shape[1], dtype=np.int32)[None]
+  want, _ = model(tokens, tiles[None], np.ones((1, len(tiles)), bool), np.ones_like(tokens), pos,
+                  image_token_id=tok.image_id)
+  with torch.no_grad():
+    got = hf(**inputs).logits.numpy()
+  np.testing.assert_allclose(got, np.asarray(want), atol=TOL)
+  # As the README shows it: transformers' generate on the processor's output continues as the JAX model does.
+  new = hf.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+  assert new[0, len(ids):].tolist() == list(generate.stream_generate(
+      model, tokens, tiles[None], np.ones((1, len(tiles)), bool), image_token_id=tok.image_id, stop_ids=(),
+      max_new_tokens=4))
+  with pytest.raises(ValueError, match="2 '<image>' marks for 1 images"):
+    processor(text="<image> and <image>", images=[sample_images()["small"]])
+  for bad, match in (({"n_max": 17}, r"n_max=17 applies to a dynamic split, from its n_min=2 to 16"),
+                     ({"n_max": 1}, r"n_max=1 applies"), ({"images": [sample_images()["small"]] * 33}, "at most 32")):
+    with pytest.raises(ValueError, match=match):
+      processor(**{"text": "hi", "images": [sample_images()["small"]], **bad})

@@ -5,6 +5,10 @@
 `<out>/`: the whole model for `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`: config.json
 (model_type mm15, auto_map), model.safetensors and modeling_mm15.py (a CLIPVisionModel, the C-Abstractor in torch and
 the decoder below; `input_ids` with the tokenizer's image placeholders and `pixel_values` of the prompt's tiles).
+Its processor, `AutoProcessor.from_pretrained(out, trust_remote_code=True)`: processing_mm15.py, which turns PIL images
+and a prompt into those inputs as the checkpoint's stage does (its image splitting, tile size and markers, saved in
+processor_config.json; a checkpoint without a stage, e.g. from `mm15 convert-hf`, leaves images unsplit), and the
+LLM's tokenizer files in `<out>/tokenizer/`.
 `<out>/decoder/`: the decoder alone, a standard checkpoint (no remote code),
 config.json + model.safetensors that `transformers.AutoModelForCausalLM.from_pretrained` loads: a
 LlamaForCausalLM (dense, no q/k/v biases), Qwen2ForCausalLM (dense with biases), MixtralForCausalLM (an MoE FFN in
@@ -23,7 +27,8 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mm15_jax.config import DecoderConfig, ModelConfig, VisionConfig
+from mm15_jax import config as config_lib
+from mm15_jax.config import DecoderConfig, ModelConfig, SplitConfig, VisionConfig
 from mm15_jax.convert import hf_import
 
 
@@ -236,18 +241,35 @@ def multimodal_config(cfg: ModelConfig, image_token_id: int) -> dict:
   c = cfg.connector
   return {"model_type": "mm15", "architectures": ["Mm15ForConditionalGeneration"],
           "auto_map": {"AutoConfig": "modeling_mm15.Mm15Config",
-                       "AutoModelForCausalLM": "modeling_mm15.Mm15ForConditionalGeneration"},
+                       "AutoModelForCausalLM": "modeling_mm15.Mm15ForConditionalGeneration",
+                       "AutoProcessor": "processing_mm15.Mm15Processor"},
           "vision_config": vision, "text_config": hf_config(cfg.decoder).to_dict(),
           "connector_hidden": c.hidden, "connector_depth": c.depth, "pooled_side": c.pooled_side,
           "se_ratio": c.se_ratio, "feature_layer": v.feature_layer, "image_token_id": image_token_id}
 
 
-def write(cfg: ModelConfig, params: dict[str, Any], out_dir: str, *, image_token_id: int) -> dict:
-  """Writes `<out_dir>` (the whole model, remote code) and `<out_dir>/decoder` (standard); returns a summary."""
+def processor_config(cfg: ModelConfig, tokenizer, split: SplitConfig) -> dict:
+  """processor_config.json: how processing_mm15.py splits images and which ids the project's tokens have."""
+  from mm15_jax.data import images
+  images.check_split_config(split)
+  keys = ("mode", "n_min", "n_max", "static_grid", "overview", "overview_first", "tile_markers", "max_images_to_split")
+  return {"auto_map": {"AutoProcessor": "processing_mm15.Mm15Processor"},
+          "tile_size": cfg.vision.image_size, "tokens_per_tile": cfg.tokens_per_tile,
+          "split": {k: getattr(split, k) for k in keys},
+          "trained_resample": split.resample,  # the processor resizes as "antialias" does
+          "special_tokens": tokenizer.special_tokens, "base_vocab_size": tokenizer.base_vocab_size,
+          "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "end_id": tokenizer.end_id,
+          "pad_id": tokenizer.pad_id, "chat_template": tokenizer.chat_template}
+
+
+def write(cfg: ModelConfig, params: dict[str, Any], out_dir: str, *, tokenizer, split: SplitConfig) -> dict:
+  """Writes `<out_dir>` (the whole model and its processor, remote code; the images split as `split` says) and
+  `<out_dir>/decoder` (standard); returns a summary. `tokenizer`: the data.tokenizer.Tokenizer it was trained with."""
   from safetensors.numpy import save
   out = epath.Path(out_dir)
   if (out / "model.safetensors").exists():
     raise FileExistsError(f"{out_dir} already holds model.safetensors; choose a new --out")
+  processor = processor_config(cfg, tokenizer, split)  # a bad split setting stops before anything is written
   decoder = decoder_tensors(cfg.decoder, params["decoder"])
   tensors = {"vision_tower." + k: v for k, v in vision_tensors(cfg.vision, params["vision"]).items()}
   tensors.update({"connector." + k: v for k, v in connector_tensors(params["connector"]).items()})
@@ -257,11 +279,23 @@ def write(cfg: ModelConfig, params: dict[str, Any], out_dir: str, *, image_token
   config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
   (out / "decoder" / "config.json").write_text(config.to_json_string())
   (out / "decoder" / "model.safetensors").write_bytes(save(decoder, metadata={"format": "pt"}))
-  (out / "config.json").write_text(json.dumps(multimodal_config(cfg, image_token_id), indent=2))
-  (out / "modeling_mm15.py").write_text(epath.Path(__file__).with_name("modeling_mm15.py").read_text())
+  (out / "config.json").write_text(json.dumps(multimodal_config(cfg, tokenizer.image_id), indent=2))
+  (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
+  (out / "tokenizer").mkdir(exist_ok=True)
+  for name, data in tokenizer.files.items():  # the LLM's files: its ids and template, as the model was trained
+    (out / "tokenizer" / name).write_bytes(data)
+  for code in ("modeling_mm15.py", "processing_mm15.py"):
+    (out / code).write_text(epath.Path(__file__).with_name(code).read_text())
   (out / "model.safetensors").write_bytes(save(tensors, metadata={"format": "pt"}))
   return {"out": str(out), "decoder_architecture": config.architectures[0],
-          "parameters_M": round(sum(t.size for t in tensors.values()) / 1e6, 1)}
+          "parameters_M": round(sum(t.size for t in tensors.values()) / 1e6, 1),
+          "processor": {"split": split.mode, "tile_size": processor["tile_size"]}}
+
+
+def stage_split(meta: dict) -> SplitConfig:
+  """The image splitting of the stage that wrote a checkpoint (its meta); unsplit when it names no stage."""
+  stage = meta.get("stage")
+  return config_lib.from_dict(SplitConfig, stage["data"]["split"]) if stage else SplitConfig(mode="none")
 
 
 def export(checkpoint_dir: str, out_dir: str, tokenizer: str) -> dict:
@@ -269,11 +303,13 @@ def export(checkpoint_dir: str, out_dir: str, tokenizer: str) -> dict:
   from mm15_jax import sharding
   from mm15_jax.config import MeshConfig
   from mm15_jax.data.tokenizer import Tokenizer
+  from mm15_jax.train import checkpoint as ckpt_lib
   from mm15_jax.train import state as state_lib
-  image_token_id = Tokenizer(tokenizer).image_id
+  tok = Tokenizer(tokenizer)
   mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1))
+  split = stage_split(ckpt_lib.read_meta(checkpoint_dir))  # every step of a stage's folder has its stage
   model_cfg, _, params, _ = state_lib.restore_model_params(checkpoint_dir, mesh)
-  return write(model_cfg, nnx.to_pure_dict(params), out_dir, image_token_id=image_token_id)
+  return write(model_cfg, nnx.to_pure_dict(params), out_dir, tokenizer=tok, split=split)
 
 
 def command(a) -> None:

@@ -239,6 +239,12 @@ class Tokenizer:
     self._init(vocab)
 
   @property
+  def files(self) -> dict[str, bytes]:
+    """The LLM tokenizer's files by name: tokenizer.model, or tokenizer.json (+ tokenizer_config.json,
+    chat_template.jinja when it has them)."""
+    return dict(self._vocab.files)
+
+  @property
   def chat_template(self) -> str:
     """"llm" (the LLM's own, from its tokenizer files) or "built-in"."""
     return "built-in" if self._template is None else "llm"

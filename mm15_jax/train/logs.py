@@ -1,4 +1,5 @@
-"""Metrics out: a JSONL log, TensorBoard event files and a progress line, written by process 0 only."""
+"""Metrics out: a JSONL log, TensorBoard event files, optionally W&B (wandb_log.py) and a progress line, written by
+process 0 only."""
 from __future__ import annotations
 
 import json
@@ -20,17 +21,19 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-  """`write(step, scalars)` to `<logdir>/metrics.jsonl` and TensorBoard under `<logdir>/tb`.
+  """`write(step, scalars)` to `<logdir>/metrics.jsonl`, TensorBoard under `<logdir>/tb` and `wandb_run` (a
+  wandb_log.Run, closed with the writer) when given.
 
   `resume_step`: a run resumed from that checkpoint step drops what an earlier run logged after it (rows of the
   JSONL; in TensorBoard, a purge event that makes it discard those steps), so no step appears twice.
   """
 
-  def __init__(self, logdir: str, *, prefix: str = "", resume_step: int | None = None):
+  def __init__(self, logdir: str, *, prefix: str = "", resume_step: int | None = None, wandb_run=None):
     self.active = jax.process_index() == 0
     self.prefix = prefix
     self._tb = None
     self._jsonl = None
+    self._wandb = wandb_run
     if self.active:
       from tensorboardX import SummaryWriter
       path = paths.join(logdir, "metrics.jsonl")
@@ -48,11 +51,15 @@ class MetricsWriter:
     self._jsonl.write(json.dumps({"step": step, **scalars}))
     for k, v in scalars.items():
       self._tb.add_scalar(self.prefix + k, v, step)
+    if self._wandb is not None:
+      self._wandb.log(step, scalars)  # the JSONL's keys
 
   def close(self):
     if self.active:
       self._tb.close()
       self._jsonl.close()
+    if self._wandb is not None:
+      self._wandb.close()
 
 
 def _truncate_jsonl(path: str, last_step: int) -> None:

@@ -29,8 +29,10 @@ from mm15_jax.train import epochs as epochs_lib
 from mm15_jax.train import flops as flops_lib
 from mm15_jax.train import lock
 from mm15_jax.train import optim
+from mm15_jax.train import profile as profile_lib
 from mm15_jax.train import stage as stage_lib
 from mm15_jax.train import state as state_lib
+from mm15_jax.train import wandb_log
 from mm15_jax.train.logs import MetricsWriter, Progress
 
 
@@ -110,6 +112,7 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
   if stage.eval_every and evaluate is None:
     raise ValueError(f"config key stages.{stage.name}.eval_every={stage.eval_every} but this program trains without "
                      f"evaluation: set it to 0")
+  wandb_log.require_installed(exp.logging)  # before anything is read or compiled
   out_dir = layout.stage_dir(workdir, stage)
   paths.ensure_writable_dir(out_dir)  # a missing bucket or permission stops here, before anything is written
   tokenizer = Tokenizer(stage.data.tokenizer)
@@ -151,21 +154,25 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
   log(f"[{stage.name}] {step_flops / 1e12:.4g} TFLOPs per step (analytic, forward + backward); peak per device "
       f"{f'{peak_tflops:g} TFLOP/s' if peak_tflops else 'unknown (set MM15_PEAK_TFLOPS for MFU)'}")
 
-  writer = MetricsWriter(out_dir, resume_step=start)
+  writer = MetricsWriter(out_dir, resume_step=start, wandb_run=wandb_log.open_run(exp, stage, out_dir))
   progress = Progress(stage.name, stage.steps, start)
   window, losses, nonfinite_run = [], [], 0
   t_start = time.perf_counter()
   step = start
+  trace = profile_lib.StepTrace(config_lib.profile_steps(exp.profile), layout.profile_dir(workdir, stage),
+                                lambda line: log(f"[{stage.name}] {line}"))
   try:
-    with distributed.Preemption() as preemption, sharding.use_mesh(mesh):
+    with distributed.Preemption() as preemption, sharding.use_mesh(mesh), trace:
       stop = preemption.stop_after(step)
       while step < stage.steps and not stop:
         checkpointer.check()  # a failed asynchronous save stops the run here
         batch = next(data_iter)
         host = {"tokens_nonpad": int((batch.segment_ids > 0).sum()), "tokens_total": batch.segment_ids.size,
                 "stats": {k: int(np.sum(v)) for k, v in batch.stats.items()}}
+        trace.before(step + 1)
         state, metrics = built.step(state, sharding.global_batch(batch.without_stats(), mesh))
         step += 1
+        trace.after(step, metrics)
         window.append((metrics, host))
         stop = preemption.stop_after(step)
         if step % stage.log_every == 0 or step in (start + 1, stage.steps) or stop:
