@@ -39,10 +39,11 @@ def paper(size: str, vocab_size: int = VOCAB) -> ModelConfig:
 
 
 def tiny(vocab_size: int = 0) -> ModelConfig:
-  """The recipe's structure at CPU scale: 16 tokens per tile, one MoE layer in every pair, float32 compute."""
+  """The recipe's structure at CPU scale: 16 tokens per tile, one MoE layer in every pair, float32 compute; image
+  tokens centred per tile (ConnectorConfig.center_tokens), without which it does not learn where things are."""
   return ModelConfig(
       vision=VisionConfig(image_size=32, patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=256),
-      connector=ConnectorConfig(hidden=64, depth=1, pooled_side=4),
+      connector=ConnectorConfig(hidden=64, depth=1, pooled_side=4, center_tokens=True),
       decoder=DecoderConfig(vocab_size=vocab_size, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2,
                             ffn_dim=384, max_len=1024, moe=MoEConfig(num_experts=8, top_k=2, every=2)),
       dtype="float32", remat="none")

@@ -37,6 +37,10 @@ class ConnectorConfig:
   depth: int = 3
   pooled_side: int = 12          # 12x12 = 144 tokens per image or tile
   se_ratio: float = 0.25
+  # Subtract each tile's mean output token from its tokens. Tiles of flat synthetic images encode to tokens that
+  # share one large component; after the decoder's RMSNorm they look alike, and a small model then takes thousands
+  # of steps to learn where anything is. Off in the paper's presets (Honeybee's C-Abstractor has no such step).
+  center_tokens: bool = False
 
 
 @dataclasses.dataclass

@@ -91,7 +91,7 @@ def test_export_command_image_and_text_logits(tok, tmp_path, capsys):
   """The whole model through transformers' remote code, and its decoder alone, from a checkpoint."""
   cfg = ModelConfig(vision=VisionConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64,
                                         feature_layer=-2, act="gelu"),
-                    connector=ConnectorConfig(hidden=24, depth=1, pooled_side=2),
+                    connector=ConnectorConfig(hidden=24, depth=1, pooled_side=2, center_tokens=True),
                     decoder=dataclasses.replace(CASES["llama"], vocab_size=tok.vocab_size), dtype="float32")
   model = MultimodalModel(cfg, rngs=nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)

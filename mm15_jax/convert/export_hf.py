@@ -245,7 +245,8 @@ def multimodal_config(cfg: ModelConfig, image_token_id: int) -> dict:
                        "AutoProcessor": "processing_mm15.Mm15Processor"},
           "vision_config": vision, "text_config": hf_config(cfg.decoder).to_dict(),
           "connector_hidden": c.hidden, "connector_depth": c.depth, "pooled_side": c.pooled_side,
-          "se_ratio": c.se_ratio, "feature_layer": v.feature_layer, "image_token_id": image_token_id}
+          "se_ratio": c.se_ratio, "feature_layer": v.feature_layer, "image_token_id": image_token_id,
+          "center_tokens": c.center_tokens}
 
 
 def processor_config(cfg: ModelConfig, tokenizer, split: SplitConfig) -> dict:

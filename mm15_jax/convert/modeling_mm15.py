@@ -33,7 +33,7 @@ class Mm15Config(PretrainedConfig):
   sub_configs = {"vision_config": CLIPVisionConfig, "text_config": AutoConfig}
 
   def __init__(self, vision_config=None, text_config=None, connector_hidden=1024, connector_depth=3, pooled_side=12,
-               se_ratio=0.25, feature_layer=-1, image_token_id=0, **kwargs):
+               se_ratio=0.25, feature_layer=-1, image_token_id=0, center_tokens=False, **kwargs):
     if isinstance(vision_config, dict):
       vision_config = CLIPVisionConfig(**vision_config)
     if isinstance(text_config, dict):
@@ -41,6 +41,7 @@ class Mm15Config(PretrainedConfig):
     self.vision_config, self.text_config = vision_config, text_config
     self.connector_hidden, self.connector_depth, self.pooled_side = connector_hidden, connector_depth, pooled_side
     self.se_ratio, self.feature_layer, self.image_token_id = se_ratio, feature_layer, image_token_id
+    self.center_tokens = center_tokens  # subtract each tile's mean output token (ConnectorConfig.center_tokens)
     super().__init__(**kwargs)
 
   @property
@@ -114,13 +115,15 @@ class CAbstractor(nn.Module):
                              RegStage(config.connector_depth, hidden, hidden, config.se_ratio))
     d = config.text_config.hidden_size
     self.readout = nn.Sequential(nn.Linear(hidden, d), nn.SiLU(), nn.Linear(d, d))
+    self.center_tokens = config.center_tokens
 
   def forward(self, x_NLD):
     x = x_NLD + self.pos_emb
     n, length, d = x.shape
     side = int(round(length ** 0.5))
     x = self.net(x.transpose(1, 2).reshape(n, d, side, side))
-    return self.readout(x.flatten(2).transpose(1, 2))  # [N, pooled_side ** 2, d_model]
+    x = self.readout(x.flatten(2).transpose(1, 2))  # [N, pooled_side ** 2, d_model]
+    return x - x.mean(dim=1, keepdim=True) if self.center_tokens else x
 
 
 class Mm15ForConditionalGeneration(PreTrainedModel, GenerationMixin):

@@ -90,6 +90,7 @@ class CAbstractor(nnx.Module):
   def __init__(self, cfg: ConnectorConfig, *, in_dim: int, out_dim: int, grid_side: int, dtype="bfloat16",
                param_dtype="float32", rngs: nnx.Rngs):
     self.pooled_side = cfg.pooled_side
+    self.center_tokens = cfg.center_tokens
     self.dtype = layers.dtype_of(dtype)
     pdt = layers.dtype_of(param_dtype)
     kw = dict(dtype=self.dtype, param_dtype=pdt, rngs=rngs)
@@ -119,4 +120,6 @@ class CAbstractor(nnx.Module):
     x = self.stage2(x)
     x = x.reshape(b, self.pooled_side ** 2, -1)
     x = self.readout2(jax.nn.silu(self.readout1(x)))
+    if self.center_tokens:
+      x = x - x.mean(axis=1, keepdims=True)
     return constrain(x, ("batch", "length", "embed"))
