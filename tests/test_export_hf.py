@@ -87,12 +87,17 @@ def test_exported_decoder_logits_and_round_trip(kind, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_export_command_image_and_text_logits(tok, tmp_path, capsys):
-  """The whole model through transformers' remote code, and its decoder alone, from a checkpoint."""
+WHOLE_MODEL = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+
+
+@pytest.mark.parametrize("kind", list(WHOLE_MODEL))
+def test_export_command_image_and_text_logits(kind, tok, tmp_path, capsys):
+  """The whole model through transformers' remote code, and its decoder alone, from a checkpoint: dense, an MoE FFN
+  in every layer (renormalised top-k) and every second layer (a shared expert, raw top-k, q/k/v biases)."""
   cfg = ModelConfig(vision=VisionConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64,
                                         feature_layer=-2, act="gelu"),
                     connector=ConnectorConfig(hidden=24, depth=1, pooled_side=2, center_tokens=True),
-                    decoder=dataclasses.replace(CASES["llama"], vocab_size=tok.vocab_size), dtype="float32")
+                    decoder=dataclasses.replace(CASES[kind], vocab_size=tok.vocab_size), dtype="float32")
   model = MultimodalModel(cfg, rngs=nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)
   keys = iter(jax.random.split(jax.random.key(3), len(jax.tree.leaves(state))))
@@ -101,7 +106,7 @@ def test_export_command_image_and_text_logits(tok, tmp_path, capsys):
   checkpoint.save_params(ckpt, nnx.state(model, nnx.Param), {"model": config_lib.to_dict(cfg), "step": 0})
   out = tmp_path / "hf"
   cli.main(["export-hf", "--checkpoint", ckpt, "--tokenizer", tok.model_path, "--out", str(out)])
-  assert json.loads(capsys.readouterr().out)["decoder_architecture"] == "LlamaForCausalLM"
+  assert json.loads(capsys.readouterr().out)["decoder_architecture"] == WHOLE_MODEL[kind]
   compare(model.decoder, out / "decoder", vocab=tok.vocab_size)
 
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float32)

@@ -6,9 +6,11 @@
 
 A CLIP vision tower (hidden state `feature_layer`, class token dropped), the C-Abstractor connector (Honeybee: RegStage
 of timm Bottlenecks with LayerNorm2d and SiLU, adaptive average pooling, RegStage, a two-layer readout) and a
-transformers causal LM. `input_ids` hold `image_token_id` placeholders, `tokens_per_tile` per tile; `pixel_values`
-[N, 3, S, S] are the prompt's tiles in placeholder order (as mm15's image splitting makes them, CLIP-normalised by
-`preprocess_tiles`). This file depends on torch and transformers only.
+transformers causal LM built from `text_config` (Llama, Qwen2, Mixtral or Qwen2-MoE; transformers fuses the MoE
+checkpoints' per-expert tensors as it loads them, under `language_model.` too). `input_ids` hold `image_token_id`
+placeholders, `tokens_per_tile` per tile; `pixel_values` [N, 3, S, S] are the prompt's tiles in placeholder order (as
+mm15's image splitting makes them, CLIP-normalised by `preprocess_tiles`). This file depends on torch and transformers
+only.
 """
 from __future__ import annotations
 
