@@ -245,7 +245,7 @@ def make_ocr_docstruct(rng: np.random.Generator, split: str) -> dict:
 def render_word(rng: np.random.Generator, text: str) -> bytes:
   """One big word on a light background, placed off-centre so position varies."""
   height = int(rng.integers(96, 200))
-  fnt = font(int(height * rng.uniform(0.3, 0.45)))
+  fnt = font(int(height * rng.uniform(0.45, 0.6)))
   x1, y1, x2, y2 = fnt.getbbox(text)
   width = max(96, int((x2 + 16) * rng.uniform(1.1, 1.8)))
   background = tuple(int(v) for v in rng.integers(200, 256, 3))

@@ -109,7 +109,7 @@ def random_scene(rng: np.random.Generator, *, n_objects: int | None = None, size
   objects = []
   for (row, col), color, shape in zip(cells, colors, shapes):
     size_word = "large" if rng.random() < 0.5 else "small"
-    frac = rng.uniform(0.78, 0.9) if size_word == "large" else rng.uniform(0.42, 0.52)
+    frac = rng.uniform(0.82, 0.95) if size_word == "large" else rng.uniform(0.55, 0.65)
     s = frac * min(cell_w, cell_h)
     # Jitter inside the cell, never crossing its border: neighbours stay apart.
     x0 = col * cell_w + rng.uniform(0, cell_w - s)
@@ -235,7 +235,7 @@ def _ground_qa(scene: Scene, rng: np.random.Generator, kind: int) -> tuple[str, 
 
 
 def make_sft_refer_ground(rng: np.random.Generator, split: str) -> dict:
-  scene = random_scene(rng)
+  scene = random_scene(rng, n_objects=int(rng.integers(1, 3)))  # one distractor at most: learnable in the demo
   if split == "test":
     q, a = _ground_qa(scene, rng, 0)
     return held_out_record("sft_refer_ground", "refer_ground", q, a, scene.png, "iou")
