@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import sys
 from typing import Any
 
@@ -253,6 +254,17 @@ class Checkpointer:
       except Exception:  # pylint: disable=broad-except
         if not self._failed:
           raise
+
+
+class _OpenedReadOnlyOnPurpose(logging.Filter):
+  """Orbax warns "Given directory is read only" for every read-only manager: restores and listings open them on
+  purpose, so the warning says nothing to the user (and came three times per restore)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_OpenedReadOnlyOnPurpose())
 
 
 def _reader(directory: str, **handlers) -> ocp.CheckpointManager:
