@@ -27,6 +27,5 @@ def get_config(data_dir: str = "runs/ui/data", init_from: str = "runs/ui/sft/che
   sft = base.stages[-1]
   stage = dataclasses.replace(
       sft, name="sft_ui", init_from=init_from, steps=max(2, round(150 * scale)),
-      eval_every=0, eval_benchmarks="",  # the image stage's periodic held-out sets are not this stage's
       data=dataclasses.replace(sft.data, mixture=synth_ui.ui_mixture(), seq_len=512))  # widget lists: ~400 tokens
   return dataclasses.replace(base, name="tiny-ui", stages=[stage])

@@ -27,6 +27,6 @@ def get_config(data_dir: str = "runs/demo/data", init_from: str = "runs/demo/sft
                     mixture={"video_qa": 1.0}, split=SplitConfig(mode="none"),
                     seq_len=512, max_images=2 * frames, video=VideoConfig(frames=frames))
   video_sft = StageConfig(
-      name="video_sft", image_size=tiny.STAGE1_SIZE, steps=max(2, round(400 * scale)), batch_size=8,
-      learning_rate=2e-3, warmup_fraction=0.05, init_from=init_from, log_every=10, checkpoint_every=100, data=data)
+      name="video_sft", image_size=tiny.STAGE1_SIZE, steps=max(2, round(150 * scale)), batch_size=8,
+      learning_rate=1e-3, warmup_fraction=0.05, init_from=init_from, log_every=10, checkpoint_every=100, data=data)
   return Experiment(name="tiny-video", model=presets.tiny(), stages=[video_sft], mesh=MeshConfig(data=-1))

@@ -47,14 +47,15 @@ _STORAGE_MESSAGES = {os.strerror(code).lower(): code for code in
                      (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.ENOENT)}
 
 
-def root_cause(exc: BaseException) -> str:
-  """The innermost actionable reason of `exc` as a short lower-case phrase, e.g. "no space left on device (PATH)"."""
+def root_cause(exc: BaseException, default_path: str = "") -> str:
+  """The innermost actionable reason of `exc` as a short lower-case phrase, e.g. "no space left on device (PATH)";
+  `default_path` names the file where no error in the chain does."""
   chain = list(_chain(exc))
   # The file: an OSError's own, else one a library names in its message (TensorStore: Error writing local file
   # "PATH": ...). A write that fails at close carries no filename, and the library's wrapper may hold it.
   paths = [e.filename for e in chain if isinstance(e, OSError) and e.filename]
   paths += [m.group(1) for e in chain for m in [re.search(r'"((?:/|gs://)[^"]+)"', str(e))] if m]
-  where = f" ({paths[0]})" if paths else ""
+  where = f" ({paths[0] if paths else default_path})" if paths or default_path else ""
   for e in chain:
     if isinstance(e, OSError) and e.errno:
       return f"{os.strerror(e.errno).lower()}{where}"

@@ -185,13 +185,16 @@ class Checkpointer:
   def _fail(self, step: int, exc: BaseException):
     """The failed save's temporary folder removed, one line naming the root cause."""
     self._failed = True
+    partial = sorted(epath.Path(self.directory).glob(f"{step}{ocp.path.step.TMP_DIR_SUFFIX}*"))
+    # Where the failed write names no file (e.g. one that fails at close), the step's folder is the place to look.
+    where = str(partial[0] if partial else epath.Path(self.directory) / str(step))
     if jax.process_index() == 0:
-      for tmp in epath.Path(self.directory).glob(f"{step}{ocp.path.step.TMP_DIR_SUFFIX}*"):
+      for tmp in partial:
         tmp.rmtree()
     kept = [s for s in self.manager.all_steps() if s != step]
     kept_text = f"step {max(kept)} is the newest complete checkpoint" if kept else "no complete checkpoint is kept"
-    raise CheckpointSaveError(f"checkpoint save at step {step} failed: {errors.root_cause(exc)}; {kept_text} "
-                              f"in {self.directory}") from exc
+    raise CheckpointSaveError(f"checkpoint save at step {step} failed: {errors.root_cause(exc, where)}; "
+                              f"{kept_text} in {self.directory}") from exc
 
   def restore_latest(self, like: TrainState, data_iter, log=print) -> tuple[int, TrainState | None, dict | None]:
     """(step, state, meta) of the newest step that passes its check and restores, else (0, None, None).
