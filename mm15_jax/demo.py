@@ -83,12 +83,11 @@ def run_variant(workdir: str, variant: str, *, scale: float = 1.0, seed: int = 0
   else:
     print(f"[demo] adding the synthetic {variant} datasets to {data_dir}")
     add = synth.build_video_corpus if variant == "video" else synth.add_ui_datasets
-    add(data_dir, seed=corpus["seed"], scale=corpus["scale"])
+    corpus = add(data_dir, seed=corpus["seed"], scale=corpus["scale"])  # corpus.json as it now is
   exp = config_lib.override(variant_experiment(variant, data_dir, image_checkpoint, scale), list(overrides))
   exp.seed = seed
   variant_dir = paths.join(workdir, variant)
-  benchmarks = [name for name, splits in json.loads(
-      paths.path(data_dir).joinpath(synth.CORPUS_FILE).read_text())[f"{variant}_datasets"].items() if "test" in splits]
+  benchmarks = [name for name, splits in corpus[f"{variant}_datasets"].items() if "test" in splits]
   eval_options = dict(benchmarks=benchmarks, max_examples=max_eval_examples,
                       max_new_tokens=VARIANT_MAX_NEW_TOKENS[variant])
   summary = {"variant": variant}
