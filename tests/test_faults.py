@@ -285,16 +285,26 @@ def _tmpfs(path: str, size: int) -> bool:
                         capture_output=True).returncode == 0
 
 
+def _disk_bytes(folder: str) -> int:
+  return sum(-(-os.path.getsize(p) // 4096) * 4096
+             for p in glob.glob(os.path.join(folder, "**"), recursive=True) if os.path.isfile(p))
+
+
 def test_full_disk_stops_the_run_with_one_line(trained, exp, tmp_path):
-  # A filesystem for the checkpoints that holds one step but not two.
-  step_bytes = sum(-(-os.path.getsize(p) // 4096) * 4096 for p in
-                   glob.glob(os.path.join(layout.checkpoint_dir(trained, exp.stages[0]), "2", "**"), recursive=True)
-                   if os.path.isfile(p))
+  # The run resumes from step 2 on a filesystem left with room for a quarter of a step, so the save at step 4 fails.
+  # (A filesystem sized to hold "one step but not two" is not deterministic: a step's size varies with how the
+  # writer threads batch their files.)
+  step2 = os.path.join(layout.checkpoint_dir(trained, exp.stages[0]), "2")
+  step_bytes = _disk_bytes(step2)
   workdir = str(tmp_path / "work")
-  ckpt_dir = layout.checkpoint_dir(workdir, exp.stages[0])
-  if not _tmpfs(ckpt_dir, step_bytes * 3 // 2):
+  stage_dir, ckpt_dir = layout.stage_dir(workdir, exp.stages[0]), layout.checkpoint_dir(workdir, exp.stages[0])
+  if not _tmpfs(stage_dir, step_bytes * 4):
     pytest.skip("cannot mount a tmpfs here (needs root)")
   try:
+    shutil.copytree(step2, os.path.join(ckpt_dir, "2"))
+    disk = os.statvfs(stage_dir)
+    with open(os.path.join(stage_dir, "filler"), "wb") as f:
+      f.write(b"\0" * (disk.f_bavail * disk.f_frsize - step_bytes // 4))
     long_exp = tiny_experiment(exp.stages[0].data.data_dir, steps=6)
     long_exp.stages[0].checkpoint_every = 2
     with pytest.raises(ckpt_lib.CheckpointSaveError) as info:
@@ -308,7 +318,7 @@ def test_full_disk_stops_the_run_with_one_line(trained, exp, tmp_path):
     code, out = run_cli_error(info.value)
     assert code == 1 and out == f"mm15: {message}\n"
   finally:
-    subprocess.run(["umount", ckpt_dir], check=True)
+    subprocess.run(["umount", stage_dir], check=True)
 
 
 def run_cli_error(exc) -> tuple[int, str]:

@@ -131,7 +131,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int, keep_period: int | None = None, async_save: bool = True):
     self.directory = paths.absolute(directory)
     self._pending: int | None = None  # the step of the save in flight
-    self._failed = False
+    self._failed_step: int | None = None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_period,
         enable_async_checkpointing=async_save, create=True)
@@ -184,17 +184,28 @@ class Checkpointer:
 
   def _fail(self, step: int, exc: BaseException):
     """The failed save's temporary folder removed, one line naming the root cause."""
-    self._failed = True
-    partial = sorted(epath.Path(self.directory).glob(f"{step}{ocp.path.step.TMP_DIR_SUFFIX}*"))
+    self._failed_step = step
+    partial = self._partial_folders(step)
     # Where the failed write names no file (e.g. one that fails at close), the step's folder is the place to look.
     where = str(partial[0] if partial else epath.Path(self.directory) / str(step))
-    if jax.process_index() == 0:
-      for tmp in partial:
-        tmp.rmtree()
+    self._remove_partial(step)
     kept = [s for s in self.manager.all_steps() if s != step]
     kept_text = f"step {max(kept)} is the newest complete checkpoint" if kept else "no complete checkpoint is kept"
     raise CheckpointSaveError(f"checkpoint save at step {step} failed: {errors.root_cause(exc, where)}; "
                               f"{kept_text} in {self.directory}") from exc
+
+  def _partial_folders(self, step: int) -> list[epath.Path]:
+    return sorted(epath.Path(self.directory).glob(f"{step}{ocp.path.step.TMP_DIR_SUFFIX}*"))
+
+  def _remove_partial(self, step: int) -> None:
+    """Best effort while the save's other writer threads may still run; `close` repeats it once they have stopped."""
+    if jax.process_index() != 0:
+      return
+    for tmp in self._partial_folders(step):
+      try:
+        tmp.rmtree()
+      except OSError:  # a writer thread added a file meanwhile
+        pass
 
   def restore_latest(self, like: TrainState, data_iter, log=print) -> tuple[int, TrainState | None, dict | None]:
     """(step, state, meta) of the newest step that passes its check and restores, else (0, None, None).
@@ -248,15 +259,18 @@ class Checkpointer:
 
   def close(self):
     """Waits for the save in flight; after a failed save (already raised) only releases the manager."""
+    failed = self._failed_step is not None
     try:
-      if not self._failed:
+      if not failed:
         self._finish()
     finally:
       try:
         self.manager.close()
       except Exception:  # pylint: disable=broad-except
-        if not self._failed:
+        if not failed:
           raise
+      if failed:  # the writer threads have stopped now: nothing can recreate the partial folder
+        self._remove_partial(self._failed_step)
 
 
 class _OpenedReadOnlyOnPurpose(logging.Filter):
