@@ -7,7 +7,7 @@ import pytest
 
 from mm15_jax import demo
 
-STEPS = 6
+STEPS = 4
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,10 @@ def test_export_command_image_and_text_logits(kind, tok, tmp_path, capsys):
   with torch.no_grad():  # the tiles matter: swapped, the logits after the first placeholder change
     swapped = hf(input_ids=torch.from_numpy(tokens).long(),
                  pixel_values=remote.preprocess_tiles(torch.from_numpy(tiles[0, ::-1].copy()))).logits.numpy()
-  assert np.abs(swapped[0, 3:] - got[0, 3:]).max() > 1e-2 and np.array_equal(swapped[0, :3], got[0, :3])
+  assert np.abs(swapped[0, 3:] - got[0, 3:]).max() > 1e-2
+  # Before it, nothing changes; up to rounding in the MoE cases, whose fused expert matmuls group all the row's
+  # tokens by expert, so a token's sums are blocked differently when other tokens route differently.
+  np.testing.assert_allclose(swapped[0, :3], got[0, :3], rtol=0, atol=0 if kind == "llama" else 1e-5)
   # transformers' generate (KV cache, greedy) continues the prompt as the JAX model does.
   pixels = remote.preprocess_tiles(torch.from_numpy(tiles[0]))
   new = hf.generate(input_ids=torch.from_numpy(tokens).long(), pixel_values=pixels, max_new_tokens=5,

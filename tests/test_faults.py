@@ -26,7 +26,7 @@ from mm15_jax.data.tokenizer import Tokenizer
 from mm15_jax.train import checkpoint as ckpt_lib
 from mm15_jax.train import stage as stage_lib
 from mm15_jax.train import lock as lock_lib
-from mm15_jax.train import optim, runner
+from mm15_jax.train import runner
 from mm15_jax.train import state as state_lib
 
 STEPS = 4  # checkpoints at steps 2 and 4

@@ -4,7 +4,8 @@ A tiny model trained only on one-object grounding ("Give the bounding box of the
 runner (dynamic image splitting, tiles + overview, ViT, C-Abstractor, decoder) and scored by the real evaluator on
 held-out images must locate objects far better than any fixed answer. A broken link on the way (tiles out of order,
 boxes on the wrong grid, images detached from their placeholders) leaves it at the blind level, where this test
-fails: 400 steps reach a mean IoU of 0.38 and Acc@IoU 0.5 of 0.48, against 0.10 for the best fixed box.
+fails: 400 steps reach Acc@IoU 0.5 of 0.98, against a mean IoU of 0.10 for the best fixed box. The transition is
+sharp (300 steps leave a mean IoU of 0.18), so the step count is not a place to save time.
 """
 import json
 
