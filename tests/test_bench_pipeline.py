@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from fixtures import corpus_dir, load_bench  # noqa: F401 (fixture)
+from mm15_jax.configs import tiny
 from mm15_jax.data import records
 
 def test_quick_bench(corpus_dir, tmp_path, capsys):  # noqa: F811 (fixture)
@@ -97,7 +98,6 @@ def test_quick_bench(corpus_dir, tmp_path, capsys):  # noqa: F811 (fixture)
   assert packings["tiny SFT"]["batches"] == packings["tiny SFT, tokens bind"]["batches"] == 4
   assert packings["mm15 SFT"]["batches"] == 3  # the batches of the synthetic stage-3 throughput run
   assert packings["mm15 SFT, tokens bind"]["max_images"] == 4096 // 144
-  from mm15_jax.configs import tiny
   assert packings["tiny SFT, tokens bind"]["max_images"] == tiny.get_config().stages[2].data.seq_len // 16
   # With max_images >= seq_len // tokens_per_tile no row can run out of image slots before tokens.
   assert packings["mm15 SFT, tokens bind"]["image_bound_rows"] == packings["tiny SFT, tokens bind"][
