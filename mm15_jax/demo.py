@@ -23,19 +23,21 @@ VARIANT_MAX_NEW_TOKENS = {"image": 24, "video": 8, "ui": 64}
 
 
 def run(workdir: str, *, variant: str = "image", scale: float = 1.0, seed: int = 0, overrides: list[str] = (),
-        max_eval_examples: int = 0) -> dict:
+        max_eval_examples: int = 0, max_new_tokens: int = 0) -> dict:
   """`scale` multiplies the corpus size and every stage's steps; `overrides` are `--set` strings (of the variant's
-  experiment for video and ui)."""
+  experiment for video and ui); `max_eval_examples` / `max_new_tokens` bound the final evaluation (0: every
+  held-out example / the variant's VARIANT_MAX_NEW_TOKENS)."""
   if variant not in VARIANTS:
     raise ValueError(f"demo variant {variant!r}: expected one of {list(VARIANTS)}")
   if variant == "image":
-    return run_image(workdir, scale=scale, seed=seed, overrides=overrides, max_eval_examples=max_eval_examples)
+    return run_image(workdir, scale=scale, seed=seed, overrides=overrides, max_eval_examples=max_eval_examples,
+                     max_new_tokens=max_new_tokens)
   return run_variant(workdir, variant, scale=scale, seed=seed, overrides=overrides,
-                     max_eval_examples=max_eval_examples)
+                     max_eval_examples=max_eval_examples, max_new_tokens=max_new_tokens)
 
 
 def run_image(workdir: str, *, scale: float = 1.0, seed: int = 0, overrides: list[str] = (),
-              max_eval_examples: int = 0) -> dict:
+              max_eval_examples: int = 0, max_new_tokens: int = 0) -> dict:
   from mm15_jax import config as config_lib
   from mm15_jax.data import synth
   from mm15_jax.eval import run as eval_run
@@ -51,7 +53,8 @@ def run_image(workdir: str, *, scale: float = 1.0, seed: int = 0, overrides: lis
   exp = config_lib.override(tiny.get_config(data_dir=data_dir, scale=scale), [*CURVE_OVERRIDES, *overrides])
   exp.seed = seed
   stages = [runner.run_stage(exp, i, workdir, evaluate=eval_run.periodic_eval) for i in range(len(exp.stages))]
-  report = eval_run.evaluate_workdir(exp, workdir, max_examples=max_eval_examples)
+  report = eval_run.evaluate_workdir(exp, workdir, max_examples=max_eval_examples,
+                                     max_new_tokens=max_new_tokens or VARIANT_MAX_NEW_TOKENS["image"])
   return _finish(workdir, {"variant": "image", "stages": stages, "eval": report,
                            "seconds": time.perf_counter() - t0})
 
@@ -64,7 +67,7 @@ def variant_experiment(variant: str, data_dir: str, init_from: str, scale: float
 
 
 def run_variant(workdir: str, variant: str, *, scale: float = 1.0, seed: int = 0, overrides: list[str] = (),
-                max_eval_examples: int = 0) -> dict:
+                max_eval_examples: int = 0, max_new_tokens: int = 0) -> dict:
   """The image demo's SFT checkpoint (trained here first if absent) -> the variant's stage -> its evaluation."""
   from mm15_jax import config as config_lib
   from mm15_jax.data import synth
@@ -76,7 +79,7 @@ def run_variant(workdir: str, variant: str, *, scale: float = 1.0, seed: int = 0
   image_checkpoint = layout.checkpoint_dir(workdir, tiny.get_config(data_dir=data_dir).stages[-1])
   if not _has_checkpoint(image_checkpoint):
     print(f"[demo] no image demo checkpoint in {image_checkpoint}: running the image demo first")
-    run_image(workdir, scale=scale, seed=seed, max_eval_examples=max_eval_examples)
+    run_image(workdir, scale=scale, seed=seed, max_eval_examples=max_eval_examples, max_new_tokens=max_new_tokens)
   corpus = json.loads(paths.path(data_dir).joinpath(synth.CORPUS_FILE).read_text())
   if f"{variant}_datasets" in corpus:
     print(f"[demo] reusing the {variant} datasets in {data_dir}")
@@ -89,7 +92,7 @@ def run_variant(workdir: str, variant: str, *, scale: float = 1.0, seed: int = 0
   variant_dir = paths.join(workdir, variant)
   benchmarks = [name for name, splits in corpus[f"{variant}_datasets"].items() if "test" in splits]
   eval_options = dict(benchmarks=benchmarks, max_examples=max_eval_examples,
-                      max_new_tokens=VARIANT_MAX_NEW_TOKENS[variant])
+                      max_new_tokens=max_new_tokens or VARIANT_MAX_NEW_TOKENS[variant])
   summary = {"variant": variant}
   if variant == "video":  # the image model on frames, untrained on video
     print("[demo] training-free: the image model on the held-out clips")

@@ -1,11 +1,13 @@
 """Every test runs with 8 fake CPU devices so sharded code paths really run.
 
-Tests are dominated by XLA compiles of small programs: LLVM's optimisation passes cost more than they save there.
+Tests are dominated by XLA compiles of small programs: LLVM's optimisation passes and XLA:CPU's fusion emitters cost
+more than they save there (the emitters off: a third less CPU time for test_train_step.py and test_decoder.py).
+Tests that run hundreds of steps start a child process with XLA's defaults instead (test_learnability.py).
 """
 import os
 
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-                                    "--xla_backend_optimization_level=0"]).strip()
+                                    "--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 

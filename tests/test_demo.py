@@ -8,6 +8,7 @@ import pytest
 from mm15_jax import demo
 
 STEPS = 4
+NEW_TOKENS = 4  # the untrained model's answers run to the generation budget: keep it short
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,8 @@ def image_demo(tmp_path_factory):
                   f"stages.{stage}.warmup_fraction=0.0"]
   overrides += [f"stages.sft.eval_every={STEPS}", "stages.sft.eval_max_examples=4",
                 "stages.sft.eval_benchmarks=sft_general"]
-  return tmp_path, demo.run(str(tmp_path), scale=0.03, overrides=overrides, max_eval_examples=4)
+  return tmp_path, demo.run(str(tmp_path), scale=0.03, overrides=overrides, max_eval_examples=4,
+                            max_new_tokens=NEW_TOKENS)
 
 
 def test_demo_runs_all_stages_and_evaluates(image_demo):
@@ -52,7 +54,8 @@ def test_demo_variant_continues_the_image_checkpoint(image_demo, variant, stage,
   workdir, _ = image_demo
   image_steps = sorted(os.listdir(workdir / "sft" / "checkpoints"))
   overrides = [f"stages.{stage}.steps=3", f"stages.{stage}.log_every=1", f"stages.{stage}.warmup_fraction=0.0"]
-  summary = demo.run(str(workdir), variant=variant, scale=0.03, overrides=overrides, max_eval_examples=4)
+  summary = demo.run(str(workdir), variant=variant, scale=0.03, overrides=overrides, max_eval_examples=4,
+                     max_new_tokens=NEW_TOKENS)
 
   out = capsys.readouterr().out
   assert "running the image demo first" not in out  # the image checkpoint is reused, not retrained

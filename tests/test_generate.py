@@ -84,6 +84,17 @@ def test_eos_fills_rest_of_row(model):
   assert (got[0, first:] == eos).all()
 
 
+def test_rows_outside_live_rows_are_done_from_the_start(model):
+  tokens, images, image_mask, lengths = prompts()
+  both = np.asarray(generate.greedy_generate(model, tokens, images, image_mask, image_token_id=IMG, eos_id=EOS,
+                                             max_new_tokens=5, prompt_lengths=lengths))
+  assert (both[1, 1:] != EOS).any()  # row 1 alone would keep the loop running
+  one = np.asarray(generate.greedy_generate(model, tokens, images, image_mask, image_token_id=IMG, eos_id=EOS,
+                                            max_new_tokens=5, prompt_lengths=lengths, live_rows=[True, False]))
+  np.testing.assert_array_equal(one[0], both[0])
+  assert (one[1, 1:] == EOS).all()
+
+
 def test_top_p_sampling_stays_in_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 400)

@@ -4,10 +4,18 @@ A tiny model trained only on one-object grounding ("Give the bounding box of the
 runner (dynamic image splitting, tiles + overview, ViT, C-Abstractor, decoder) and scored by the real evaluator on
 held-out images must locate objects far better than any fixed answer. A broken link on the way (tiles out of order,
 boxes on the wrong grid, images detached from their placeholders) leaves it at the blind level, where this test
-fails: 400 steps reach Acc@IoU 0.5 of 0.98, against a mean IoU of 0.10 for the best fixed box. The transition is
-sharp (300 steps leave a mean IoU of 0.18), so the step count is not a place to save time.
+fails: 400 steps reach Acc@IoU 0.5 of 0.84 - 1.00 (the figure moves with the device count and XLA's optimisation
+level), against a mean IoU of 0.10 for the best fixed box. The transition is sharp (300 steps leave a mean IoU of
+0.18), so the step count is not a place to save time.
+
+Training runs in a child process on one device with XLA's default optimisation: the suite's eight fake devices at
+-O0 (conftest.py, for compile-bound tests) run these 400 steps at half the speed.
 """
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -67,8 +75,9 @@ def mean_iou(predictions: list[str], answers: list[str]) -> float:
   return float(np.mean(ious))
 
 
-def test_one_object_grounding_is_learned_from_pixels(tmp_path):
-  data_dir = str(tmp_path / "data")
+def train_and_evaluate(workdir: pathlib.Path) -> None:
+  """Corpus -> one training stage -> held-out evaluation (report.json and eval/predictions.jsonl in `workdir`)."""
+  data_dir = str(workdir / "data")
   makers = {"ground": (one_object, N_TRAIN, N_TEST)}
   train = list(synth.generate("ground", "train", N_TRAIN, 0, makers))
   test = list(synth.generate("ground", "test", N_TEST, 0, makers))
@@ -76,8 +85,17 @@ def test_one_object_grounding_is_learned_from_pixels(tmp_path):
   synth.train_tokenizer([t for r in train for t in synth.record_texts(r)], f"{data_dir}/tokenizer.model",
                         vocab_size=400)
   exp = experiment(data_dir)
-  runner.run_stage(exp, 0, str(tmp_path))
-  report = eval_run.evaluate_workdir(exp, str(tmp_path), max_new_tokens=20)
+  runner.run_stage(exp, 0, str(workdir))
+  report = eval_run.evaluate_workdir(exp, str(workdir), max_new_tokens=20)
+  (workdir / "report.json").write_text(json.dumps(report))
+
+
+def test_one_object_grounding_is_learned_from_pixels(tmp_path):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+  child = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=1200)
+  assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-3000:]
+  report = json.loads((tmp_path / "report.json").read_text())
 
   lines = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
   answers = [line["answers"][0] for line in lines]
@@ -89,3 +107,7 @@ def test_one_object_grounding_is_learned_from_pixels(tmp_path):
   accuracy = report["benchmarks"]["ground"]["score"]  # Acc@IoU 0.5
   assert model_iou > max(0.25, 3 * blind), (model_iou, blind, lines[:5])
   assert accuracy >= 0.3, (accuracy, lines[:5])
+
+
+if __name__ == "__main__":
+  train_and_evaluate(pathlib.Path(sys.argv[1]))

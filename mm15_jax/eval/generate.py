@@ -2,7 +2,8 @@
 
 Prompts are right-padded: row b's prompt is tokens[b, :prompt_lengths[b]]. Output: [B, max_new_tokens] int32, the
 generated tokens of each row; a row that produced `eos_id` is filled with `eos_id` from there on (cut at the first
-eos). The loop stops early once every row is done. Everything runs in one jitted function per set of shapes.
+eos). The loop stops early once every row is done; rows outside `live_rows` (filler of a partly used batch) count as
+done from the start. Everything runs in one jitted function per set of shapes.
 `stream_generate` takes the same steps for one prompt, yielding each token as it is produced.
 """
 from __future__ import annotations
@@ -17,15 +18,16 @@ from flax import nnx
 
 
 def greedy_generate(model, tokens, images, image_mask, *, image_token_id: int, eos_id: int, max_new_tokens: int,
-                    prompt_lengths, image_extent=None):
+                    prompt_lengths, image_extent=None, live_rows=None):
   """Greedy decoding (the evaluation protocol)."""
   return sample_generate(model, tokens, images, image_mask, image_token_id=image_token_id, eos_id=eos_id,
                          max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths, temperature=0.0,
-                         image_extent=image_extent)
+                         image_extent=image_extent, live_rows=live_rows)
 
 
 def sample_generate(model, tokens, images, image_mask, *, image_token_id: int, eos_id: int, max_new_tokens: int,
-                    prompt_lengths, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, image_extent=None):
+                    prompt_lengths, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, image_extent=None,
+                    live_rows=None):
   """Temperature / nucleus (top-p) sampling; temperature 0 is greedy. `image_extent` [B, N, 4]: the images are tiles'
   source pixels for the model to enlarge (data.split.enlarge_on_device), as in training."""
   tokens = jnp.asarray(tokens, jnp.int32)
@@ -40,8 +42,12 @@ def sample_generate(model, tokens, images, image_mask, *, image_token_id: int, e
     raise ValueError(f"generate: prompt_lengths {lengths.tolist()} must be in [1, {tokens.shape[1]}]")
   if not 0.0 < top_p <= 1.0 or temperature < 0.0:
     raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+  live_B = jnp.ones(tokens.shape[:1], bool) if live_rows is None else jnp.asarray(live_rows, bool)
+  if live_B.shape != tokens.shape[:1]:
+    raise ValueError(f"generate: live_rows {live_B.shape} must be [B] for tokens {tokens.shape}")
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, tokens, images, image_mask, image_extent, prompt_lengths, jax.random.key(seed),
+  return _generate(graphdef, state, tokens, images, image_mask, image_extent, prompt_lengths, live_B,
+                   jax.random.key(seed),
                    image_token_id=image_token_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
                    temperature=float(temperature), top_p=float(top_p))
 
@@ -63,8 +69,8 @@ def pick_token(logits_BV, rng, temperature: float, top_p: float):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "image_token_id", "eos_id", "max_new_tokens",
                                              "temperature", "top_p"))
-def _generate(graphdef, state, tokens_BT, images, image_mask, image_extent, prompt_lengths_B, rng, *, image_token_id,
-              eos_id, max_new_tokens, temperature, top_p):
+def _generate(graphdef, state, tokens_BT, images, image_mask, image_extent, prompt_lengths_B, live_B, rng, *,
+              image_token_id, eos_id, max_new_tokens, temperature, top_p):
   model = nnx.merge(graphdef, state)
   b, t = tokens_BT.shape
   positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -89,7 +95,7 @@ def _generate(graphdef, state, tokens_BT, images, image_mask, image_extent, prom
     out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, next_B[:, None], i, axis=1)
     return i + 1, next_B, cache, out_BN, done_B | (next_B == eos_id), rng
 
-  carry = (jnp.ones((), jnp.int32), first_B, cache, out_BN, first_B == eos_id, rng)
+  carry = (jnp.ones((), jnp.int32), first_B, cache, out_BN, (first_B == eos_id) | ~live_B, rng)
   return jax.lax.while_loop(cond, body, carry)[3]
 
 

@@ -103,7 +103,8 @@ def answer(model, tokenizer: Tokenizer, spec: samples_lib.SampleSpec, recs: Sequ
       lengths[i] = len(ids)
     new = generate.greedy_generate(model, tokens, images, image_mask, prompt_lengths=lengths,
                                    image_token_id=tokenizer.image_id, eos_id=tokenizer.end_id,
-                                   max_new_tokens=max_new_tokens, image_extent=extent)
+                                   max_new_tokens=max_new_tokens, image_extent=extent,
+                                   live_rows=np.arange(rows) < len(chunk))
     new = np.asarray(jax.device_get(new))
     for i in range(len(chunk)):
       ids = list(new[i])
