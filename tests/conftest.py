@@ -7,7 +7,8 @@ Tests that run hundreds of steps start a child process with XLA's defaults inste
 import os
 
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-                                    "--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"]).strip()
+                                    "--xla_backend_optimization_level=0",
+                                    "--xla_cpu_use_fusion_emitters=false"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 

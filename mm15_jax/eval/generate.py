@@ -47,8 +47,7 @@ def sample_generate(model, tokens, images, image_mask, *, image_token_id: int, e
     raise ValueError(f"generate: live_rows {live_B.shape} must be [B] for tokens {tokens.shape}")
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, tokens, images, image_mask, image_extent, prompt_lengths, live_B,
-                   jax.random.key(seed),
-                   image_token_id=image_token_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
+                   jax.random.key(seed), image_token_id=image_token_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
                    temperature=float(temperature), top_p=float(top_p))
 
 
