@@ -1,11 +1,14 @@
 """Video data: the LLaVA-Video converter on fixtures written here, and the synthetic video corpus."""
+import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mm15_jax import cli
-from mm15_jax.data import convert, records, video
+from mm15_jax.config import SplitConfig
+from mm15_jax.data import convert, records, samples, synth, synth_scenes, synth_video, video
 
 
 def clip(n=5, level=30):
@@ -63,8 +66,6 @@ def test_llava_video_converter_stores_files_and_counts_bad_videos(llava_video, c
 
 
 def test_llava_video_converter_stores_sampled_frames(llava_video, tok):
-  from mm15_jax.config import SplitConfig
-  from mm15_jax.data import samples
   root, path = llava_video
   cli.main(convert_args(root, path, "video_frames", "--video-frames", "2"))
   recs = list(records.open_source(str(root / "data"), "video_frames", "train"))
@@ -88,25 +89,18 @@ def test_llava_video_converter_errors(llava_video):
 
 def _colours_at(png_bytes):
   """Palette colours (synth_scenes.COLORS) present in a frame, by pixel count."""
-  import io
-  from PIL import Image
-  from mm15_jax.data import synth_scenes
   pixels = np.asarray(Image.open(io.BytesIO(png_bytes)).convert("RGB")).reshape(-1, 3)
   return {name: int((pixels == rgb).all(1).sum()) for name, rgb in synth_scenes.COLORS.items()
           if (pixels == rgb).all(1).any()}
 
 
 def _centroid(png_bytes, colour):
-  import io
-  from PIL import Image
-  from mm15_jax.data import synth_scenes
   pixels = np.asarray(Image.open(io.BytesIO(png_bytes)).convert("RGB"))
   ys, xs = np.nonzero((pixels == synth_scenes.COLORS[colour]).all(-1))
   return xs.mean(), ys.mean()
 
 
 def test_synthetic_video_questions_match_their_clips():
-  from mm15_jax.data import synth, synth_video
   recs = list(synth.generate("video_qa", "test", 60, seed=3))
   assert recs == list(synth.generate("video_qa", "test", 60, seed=3))  # a pure function of the seed
   assert {r["subset"] for r in recs} == set(synth_video.TASKS)
@@ -144,7 +138,6 @@ def test_synthetic_video_questions_match_their_clips():
 
 
 def test_video_synth_option_keeps_the_image_corpus(tmp_path):
-  from mm15_jax.data import synth
   assert "video_qa" not in synth.split_counts(1.0)  # the default corpus is unchanged
   (tmp_path / synth.CORPUS_FILE).write_text(json.dumps({"seed": 0, "scale": 0.01, "datasets": {}}))
   cli.main(["data", "synth", "--out", str(tmp_path), "--scale", "0.01", "--video"])
@@ -152,13 +145,13 @@ def test_video_synth_option_keeps_the_image_corpus(tmp_path):
   assert corpus["video_datasets"] == {"video_qa": {"train": 20, "test": 2}} and corpus["datasets"] == {}
   assert not (tmp_path / synth.TOKENIZER_FILE).exists()  # the image corpus's tokenizer is not retrained
   train = records.open_source(str(tmp_path), "video_qa", "train")
-  assert len(train) == 20 and train[0]["messages"][1]["content"] in "ABCD"
+  assert len(train) == 20 and train[0]["messages"][1]["content"] in "ABCDE"
   test = records.open_source(str(tmp_path), "video_qa", "test")
-  assert test[0]["metric"] == "mc" and test[0]["category"] == "video" and len(test[0]["images"]) == 8
+  assert test[0]["metric"] == "mc" and test[0]["category"] == "video"
+  assert len(test[0]["images"]) == synth_video.FRAMES
 
 
 def test_video_configs_follow_the_recipe_and_fit_their_rows(tok):
-  from mm15_jax.data import samples, synth
   exp = cli.load_experiment("mm15_video", ["init_from=ckpt/sft"], [])
   (stage,) = exp.stages
   assert (stage.batch_size, stage.learning_rate, stage.warmup_fraction, stage.end_lr_fraction, stage.epochs) == (
@@ -178,17 +171,18 @@ def test_video_configs_follow_the_recipe_and_fit_their_rows(tok):
   tiny_exp = cli.load_experiment("tiny_video", ["data_dir=d", "init_from=runs/x/sft/checkpoints"], [])
   (tiny_stage,) = tiny_exp.stages
   assert (tiny_stage.init_from, tiny_stage.data.mixture, tiny_stage.data.video.frames) == (
-      "runs/x/sft/checkpoints", {"video_qa": 1.0}, 8)
+      "runs/x/sft/checkpoints", {"video_qa": 1.0}, synth_video.FRAMES)
   clip = next(synth.generate("video_qa", "train", 1, seed=0))
   tiny_spec = samples.SampleSpec.from_config(tiny_stage.data, tile_size=tiny_stage.image_size,
                                              tokens_per_tile=tiny_exp.model.tokens_per_tile)
   sample = samples.make_sample(clip, tok, tiny_spec)
-  assert sample.n_tiles == 8 and len(sample.ids) <= tiny_stage.data.seq_len + 1
-  assert tiny_stage.data.max_images == 2 * sample.n_tiles  # room for two clips per packed row
+  assert sample.n_tiles == synth_video.FRAMES
+  assert 2 * len(sample.ids) <= tiny_stage.data.seq_len  # two clips or more per packed row
+  # the image slots do not close a row before its tokens do
+  assert tiny_stage.data.max_images >= (tiny_stage.data.seq_len // len(sample.ids)) * sample.n_tiles
 
 
 def test_video_synth_builds_the_same_image_corpus_and_tokenizer(tmp_path):
-  from mm15_jax.data import synth
   synth.build_corpus(tmp_path / "image", scale=0.005, progress=None)
   cli.main(["data", "synth", "--out", str(tmp_path / "video"), "--scale", "0.005", "--video"])
   for name in (synth.TOKENIZER_FILE, "sft_general/1.0.0/sft_general-test.array_record-00000-of-00001",
