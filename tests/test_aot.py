@@ -5,8 +5,9 @@ import math
 import pytest
 
 from mm15_jax import cli
+from mm15_jax.kernels import splash
 from mm15_jax.models import count
-from mm15_jax.train import aot
+from mm15_jax.train import aot, flops
 from mm15_jax.train import stage as stage_lib
 
 # The tiny experiment, made smaller so the compile is quick: batch 8 (one row per CPU device), 64 tokens.
@@ -34,7 +35,7 @@ def test_cpu_compile_reports_memory_and_flops():
   # image_extent int32 [2, 4] (tiles enlarged in the model: data.split.enlarge_on_device)
   assert r.batch_bytes == 6 * 64 * 4 + 2 * 32 * 32 * 3 + 2 + 2 * 4 * 4
   assert r.batch_shapes["images"] == (8, 2, 32, 32, 3) and r.batch_shapes["image_extent"] == (8, 2, 4)
-  assert r.temp_bytes > 0 and r.flops > 0
+  assert r.temp_bytes > 0 and r.flops > 0 and r.kernel_flops == 0  # blocked attention on CPU: XLA counts it
   assert r.total_bytes >= r.params_bytes + r.opt_state_bytes
   assert r.hbm_bytes is None and r.fits is None
   text = aot.format_report(r)
@@ -73,6 +74,11 @@ def test_tpu_topology_compile():
   assert r.hbm_bytes == 16 << 30 and r.fits is True
   assert r.flops > 0 and r.code_bytes > 0
   assert math.isfinite(r.flops)
+  # model.attention=auto is splash attention on TPU: its FLOPs, which XLA's cost analysis does not see, are added
+  model = stage_lib.stage_model_config(exp.model, exp.stages[0], 512)
+  forward = flops.attention_core_forward_flops(model, batch_size=8, seq_len=64, max_images=2, tile_size=32)
+  assert r.kernel_flops == pytest.approx(forward * splash.train_flops_per_forward(model.remat) / 4)
+  assert forward > 0
 
 
 @pytest.mark.skipif(not _tpu_available(), reason="libtpu not installed (pip install -e '.[tpu]'): no TPU devices")

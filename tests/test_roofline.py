@@ -46,6 +46,11 @@ def test_estimate_is_the_slowest_resource():
                                           collectives={"all-to-all": int(300e9)}, model_flops=459e12 / 2))
   assert "ESTIMATE on v5p" in lines and "2000.0 ms per step, HBM-bound" in lines
   assert "MFU this estimate implies: 25.0%" in lines
+  # FLOPs inside attention kernels (which XLA's cost analysis does not count) join the compute term
+  with_kernels = "\n".join(roofline.report_lines(device_kind="TPU v5p", flops=459e12, hbm_bytes=1.0, collectives={},
+                                                 model_flops=459e12, kernel_flops=459e12 * 3))
+  assert "4000.0 ms per step, compute-bound" in with_kernels and "in attention kernels" in with_kernels
+  assert "MFU this estimate implies: 25.0%" in with_kernels
   unknown = roofline.report_lines(device_kind="cpu", flops=1.0, hbm_bytes=1.0, collectives={}, model_flops=1.0)
   assert "no chip figures for 'cpu'" in unknown[-1]
   scanned = roofline.report_lines(device_kind="TPU v5p", flops=1.0, hbm_bytes=1.0, collectives={"all-reduce": 8},

@@ -136,3 +136,43 @@ def test_vit_model_config_carries_the_kernel():
   cfg = VisionConfig(image_size=28, patch_size=7, width=32, depth=1, num_heads=2, mlp_dim=64)
   with pytest.raises(ValueError, match="model.attention='flash'"):
     vit.VisionTransformer(dataclasses.replace(cfg), attention="flash", rngs=nnx.Rngs(0))
+
+
+
+def _subjaxprs(params: dict):
+  for value in params.values():
+    for item in value if isinstance(value, (tuple, list)) else [value]:
+      if hasattr(item, "eqns"):
+        yield item
+      elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+        yield item.jaxpr
+
+
+def _dots(jaxpr) -> int:
+  return sum(e.primitive.name == "dot_general" for e in jaxpr.eqns) + sum(
+      _dots(sub) for e in jaxpr.eqns for sub in _subjaxprs(e.params))
+
+
+def _kernel_dots(jaxpr) -> list[int]:
+  """Per pallas_call in `jaxpr` (nested ones included), the matmuls its kernel body holds."""
+  counts = []
+  for e in jaxpr.eqns:
+    if e.primitive.name == "pallas_call":
+      counts.append(_dots(e.params["jaxpr"]))
+    else:
+      counts += [n for sub in _subjaxprs(e.params) for n in _kernel_dots(sub)]
+  return counts
+
+
+def test_train_flops_per_forward_counts_the_kernels_matmuls():
+  """The analytic FLOPs the roofline estimate adds for splash attention (XLA's cost analysis does not see inside
+  Pallas kernels): the forward kernel's matmuls against those of forward + backward, from the traced kernels."""
+  q, k, v, cot = qkv(1, 256, 2, 2, 32)
+  attend = lambda q, k, v: splash.attention(q, k, v, None, causal=True)
+  loss = lambda q, k, v: (attend(q, k, v) * cot).sum()
+  forward = _kernel_dots(jax.make_jaxpr(attend)(q, k, v).jaxpr)
+  train = _kernel_dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr)
+  assert forward == [2]
+  assert sum(train) / sum(forward) == splash.train_flops_per_forward("none")
+  rematerialised = jax.make_jaxpr(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, k, v).jaxpr
+  assert sum(_kernel_dots(rematerialised)) / sum(forward) == splash.train_flops_per_forward("full")

@@ -55,6 +55,14 @@ def attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *, causal: bool):
   return local(q, k, v, segment_ids_BT)[:, :t]
 
 
+def train_flops_per_forward(remat: str) -> float:
+  """A train step's FLOPs in these kernels per forward FLOP (XLA's cost analysis does not see inside them). The
+  forward computes 2 score-sized matmuls (q k^T, p v); the backward's separate dq and dkv kernels (_rows' block
+  sizes) recompute the scores and add 1 + 1 and 2 + 1 more (dq: do v^T, ds k; dkv: p^T do, do v^T, ds^T q): 7 in
+  all; rematerialised blocks run the forward once more."""
+  return (2 + 7 + (0 if remat == "none" else 2)) / 2
+
+
 def _rows(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *, causal: bool, interpret: bool):
   """The kernel on this device's rows: [B, T, H, K] x [B, T, G, K] -> [B, T, H, K] float32."""
   b, t, h, hd = q_BTHK.shape

@@ -25,6 +25,7 @@ import numpy as np
 from mm15_jax import paths, sharding
 from mm15_jax import config as config_lib
 from mm15_jax.config import Experiment
+from mm15_jax.kernels import attention as attention_lib
 from mm15_jax.train import flops as flops_lib
 from mm15_jax.train import roofline
 from mm15_jax.train import stage as stage_lib
@@ -62,6 +63,7 @@ class AotReport:
   bytes_accessed: float = float("nan")  # HBM bytes per device per step (cost_analysis)
   collective_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # sent per device, by kind (HLO)
   model_flops: float = float("nan")     # analytic (train/flops.py) per device per step
+  kernel_flops: float = 0.0  # per device per step in Pallas attention kernels, analytic: `flops` does not count them
 
   @property
   def fits(self) -> bool | None:
@@ -168,8 +170,19 @@ def compile_train_step(exp: Experiment, index: int, topology: str = "cpu", num_s
       bytes_accessed=float(bytes_accessed), collective_bytes=collectives,
       model_flops=flops_lib.train_step_flops(model_cfg, batch_size=stage.batch_size, seq_len=stage.data.seq_len,
                                              max_images=stage.data.max_images, tile_size=stage.image_size)
-      / len(devices))
+      / len(devices),
+      kernel_flops=_kernel_flops(model_cfg, stage, devices[0].platform) / len(devices))
   return compiled, report
+
+
+def _kernel_flops(model_cfg, stage, platform: str) -> float:
+  """FLOPs of one step (all devices) that run inside Pallas attention kernels on `platform`, analytic."""
+  if attention_lib.resolve(model_cfg.attention, platform) != "splash":
+    return 0.0
+  from mm15_jax.kernels import splash  # Pallas TPU modules: imported where they apply, as kernels/attention.py does
+  forward = flops_lib.attention_core_forward_flops(model_cfg, batch_size=stage.batch_size, seq_len=stage.data.seq_len,
+                                                   max_images=stage.data.max_images, tile_size=stage.image_size)
+  return forward * splash.train_flops_per_forward(model_cfg.remat)
 
 
 def format_report(r: AotReport) -> str:
@@ -198,7 +211,7 @@ def format_report(r: AotReport) -> str:
       lines.append("    (XLA counts each scanned layer stack once: --set model.scan_layers=false for the full count)")
     lines += roofline.report_lines(device_kind=r.device_kind, flops=r.flops, hbm_bytes=r.bytes_accessed,
                                    collectives=r.collective_bytes, model_flops=r.model_flops,
-                                   scanned_layers=r.scanned_layers)
+                                   kernel_flops=r.kernel_flops, scanned_layers=r.scanned_layers)
   lines.append(f"  compiled in {r.compile_s:.0f} s")
   return "\n".join(lines)
 

@@ -23,15 +23,23 @@ PEAK_TFLOPS_BY_KIND = {
 }
 
 
-def vit_forward_flops_per_tile(v: VisionConfig, tile_size: int) -> int:
+def _vit_blocks_and_length(v: VisionConfig, tile_size: int) -> tuple[int, int]:
   grid = tile_size // v.patch_size
-  patches, length = grid * grid, grid * grid + 1  # + class token
-  blocks = v.feature_layer % (v.depth + 1)  # blocks run up to the feature layer (-1: all)
-  embed = 2 * patches * v.patch_size ** 2 * 3 * v.width
+  return v.feature_layer % (v.depth + 1), grid * grid + 1  # blocks run up to the feature layer; + class token
+
+
+def vit_attention_core_flops_per_tile(v: VisionConfig, tile_size: int) -> int:
+  """Scores + weighted values of every block, all heads (bidirectional)."""
+  blocks, length = _vit_blocks_and_length(v, tile_size)
+  return blocks * 2 * 2 * length * length * v.width
+
+
+def vit_forward_flops_per_tile(v: VisionConfig, tile_size: int) -> int:
+  blocks, length = _vit_blocks_and_length(v, tile_size)
+  embed = 2 * (length - 1) * v.patch_size ** 2 * 3 * v.width
   attn_proj = 2 * length * v.width * v.width * 4           # q, k, v, o
-  attn_core = 2 * 2 * length * length * v.width            # scores + weighted values, all heads (bidirectional)
   mlp = 2 * 2 * length * v.width * v.mlp_dim
-  return embed + blocks * (attn_proj + attn_core + mlp)
+  return embed + blocks * (attn_proj + mlp) + vit_attention_core_flops_per_tile(v, tile_size)
 
 
 def _bottleneck_flops(side: int, in_ch: int, out_ch: int, se_ratio: float) -> int:
@@ -58,14 +66,18 @@ def connector_forward_flops_per_tile(c: ConnectorConfig, *, grid_side: int, in_d
   return flops
 
 
+def decoder_attention_core_flops(d: DecoderConfig, *, seq_len: int, causal_attention: bool = True) -> int:
+  """Scores + weighted values of one sequence, every layer."""
+  q_width = d.num_heads * (d.head_dim or d.d_model // d.num_heads)
+  per_layer = 2 * 2 * seq_len * seq_len * q_width
+  return d.num_layers * (per_layer // 2 if causal_attention else per_layer)
+
+
 def decoder_forward_flops(d: DecoderConfig, *, seq_len: int, causal_attention: bool = True) -> int:
   """One sequence of `seq_len` tokens through the decoder and LM head."""
   head_dim = d.head_dim or d.d_model // d.num_heads
   q_width, kv_width = d.num_heads * head_dim, d.num_kv_heads * head_dim
   per_token_proj = 2 * d.d_model * (2 * q_width + 2 * kv_width)  # q, o and k, v
-  attn_core = 2 * 2 * seq_len * seq_len * q_width
-  if causal_attention:
-    attn_core //= 2
   dense_ffn = 2 * 3 * d.d_model * d.ffn_dim
   num_moe = d.num_layers // d.moe.every if d.moe is not None else 0
   moe_ffn = 0
@@ -75,7 +87,7 @@ def decoder_forward_flops(d: DecoderConfig, *, seq_len: int, causal_attention: b
       moe_ffn += 2 * 3 * d.d_model * d.moe.shared_expert_dim + 2 * d.d_model
   per_token = d.num_layers * per_token_proj + (d.num_layers - num_moe) * dense_ffn + num_moe * moe_ffn
   per_token += 2 * d.d_model * d.vocab_size  # LM head
-  return seq_len * per_token + d.num_layers * attn_core
+  return seq_len * per_token + decoder_attention_core_flops(d, seq_len=seq_len, causal_attention=causal_attention)
 
 
 def forward_flops(cfg: ModelConfig, *, batch_size: int, seq_len: int, max_images: int, tile_size: int,
@@ -94,6 +106,13 @@ def train_step_flops(cfg: ModelConfig, *, batch_size: int, seq_len: int, max_ima
   """Forward + backward = 3 x forward, for the global batch of one optimiser step (all micro-batches)."""
   return 3 * forward_flops(cfg, batch_size=batch_size, seq_len=seq_len, max_images=max_images,
                            tile_size=tile_size, causal_attention=causal_attention)
+
+
+def attention_core_forward_flops(cfg: ModelConfig, *, batch_size: int, seq_len: int, max_images: int,
+                                 tile_size: int) -> int:
+  """The part of `forward_flops` that attention kernels compute (scores and weighted values, ViT and decoder)."""
+  return (batch_size * max_images * vit_attention_core_flops_per_tile(cfg.vision, tile_size)
+          + batch_size * decoder_attention_core_flops(cfg.decoder, seq_len=seq_len))
 
 
 def peak_tflops_per_device(device_kind: str, override: float | None = None) -> float | None:

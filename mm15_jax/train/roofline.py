@@ -3,9 +3,10 @@
   step time >= max(FLOPs / peak FLOP/s,  HBM bytes / HBM bandwidth,  collective bytes / ICI bandwidth)
 
 per chip, each term a lower bound of the time its resource needs, as if the other two overlapped perfectly with it.
-FLOPs and HBM bytes are XLA's cost analysis of the compiled step ("flops", "bytes accessed"); collective bytes are
-what one device sends, summed over the collectives of the compiled HLO text (ring algorithms over a group of n
-devices with an operand of S bytes per device):
+FLOPs and HBM bytes are XLA's cost analysis of the compiled step ("flops", "bytes accessed"), plus the FLOPs run
+inside Pallas kernels (splash attention), which the cost analysis does not see (analytic: train/aot.py); collective
+bytes are what one device sends, summed over the collectives of the compiled HLO text (ring algorithms over a group
+of n devices with an operand of S bytes per device):
 
   all-gather (n - 1) S,  reduce-scatter (n - 1) / n S,  all-reduce 2 (n - 1) / n S,  all-to-all (n - 1) / n S,
   collective-permute S.
@@ -137,8 +138,9 @@ def chip_table() -> str:
 
 
 def report_lines(*, device_kind: str, flops: float, hbm_bytes: float, collectives: dict[str, int],
-                 model_flops: float, scanned_layers: bool = False) -> list[str]:
-  """The AOT report's collective and roofline lines."""
+                 model_flops: float, kernel_flops: float = 0.0, scanned_layers: bool = False) -> list[str]:
+  """The AOT report's collective and roofline lines. `kernel_flops`: FLOPs run inside Pallas kernels, which XLA's
+  cost analysis (`flops`) does not count; the compute term adds them."""
   mib = lambda n: f"{n / (1 << 20):.1f} MiB"
   moved = ", ".join(f"{k} {mib(v)}" for k, v in collectives.items()) or "none"
   once = " (a scanned layer stack's counted once)" if scanned_layers else ""
@@ -150,12 +152,14 @@ def report_lines(*, device_kind: str, flops: float, hbm_bytes: float, collective
   if chip is None or not (math.isfinite(flops) and math.isfinite(hbm_bytes)):
     return lines + [f"  roofline estimate: no chip figures for {device_kind!r} (TPU kinds: "
                     f"{sorted({c.name for c in CHIPS.values()})})"]
-  e = estimate(chip, flops=flops, hbm_bytes=hbm_bytes, collective_bytes_total=sum(collectives.values()),
+  e = estimate(chip, flops=flops + kernel_flops, hbm_bytes=hbm_bytes, collective_bytes_total=sum(collectives.values()),
                model_flops=model_flops)
   return lines + [
       f"  roofline ESTIMATE on {chip.name} (max of compute, HBM, ICI time; not a measurement): "
       f"{e.step_s * 1e3:.1f} ms per step, {e.bound}-bound",
-      f"    compute {e.compute_s * 1e3:.1f} ms = {flops:.3e} FLOPs / {chip.peak_flops:.3g} FLOP/s; "
+      f"    compute {e.compute_s * 1e3:.1f} ms = {flops + kernel_flops:.3e} FLOPs"
+      + (f" ({flops:.3e} XLA + {kernel_flops:.3e} in attention kernels, analytic)" if kernel_flops else "")
+      + f" / {chip.peak_flops:.3g} FLOP/s; "
       f"HBM {e.memory_s * 1e3:.1f} ms = {hbm_bytes:.3e} B / {chip.hbm_bandwidth:.3g} B/s; "
       f"ICI {e.collective_s * 1e3:.1f} ms = {sum(collectives.values()):.3e} B / {chip.ici_bandwidth:.3g} B/s",
       f"    MFU this estimate implies: {100 * e.mfu:.1f}% ({model_flops:.3e} model FLOPs per device per step)",
