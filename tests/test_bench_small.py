@@ -1,6 +1,11 @@
 """The benchmarks in bench/ run (--quick) and measure what they claim: equal active FLOPs, finite results, saved
 checkpoints that restore, one compiled step per depth. No timing is asserted (the machine is shared)."""
+import json
+
 from fixtures import load_bench as load
+from mm15_jax import cli
+from mm15_jax.train import aot
+from mm15_jax.train import stage as stage_lib
 
 
 def test_moe_quick(capsys):
@@ -53,3 +58,28 @@ def test_compile_depth_quick(capsys):
   assert all(r["compile_s"] > 0 and r["lower_s"] > 0 for r in rows)
   out = capsys.readouterr().out
   assert "| 2 |" in out and "| 4 |" in out and '"bench": "compile_depth"' in out
+
+
+def test_roofline_depth_extrapolates_linearly_in_each_stack(tmp_path, capsys):
+  """Three shallow compiles' lines (made here, linear in decoder layers d and ViT blocks v) -> the figures at the
+  preset's depths, with the attention kernels' FLOPs added to the compute term."""
+  bench = load("roofline_depth")
+  out = tmp_path / "rows.jsonl"
+  sets = ["mesh.data=1", "mesh.fsdp=-1", "stages.sft.grad_accum=1"]
+  linear = lambda d, v: 1e12 + 3e12 * d + 5e12 * v  # FLOPs; HBM bytes and collective bytes scaled from it
+  with open(out, "w") as f:
+    for d, v in bench.DEPTHS:
+      f.write(json.dumps({
+          "experiment": "mm15-3b", "stage": "sft", "num_devices": 64, "device_kind": "TPU v5",
+          "overrides": sets + ["model.scan_layers=false", f"model.decoder.num_layers={d}", f"model.vision.depth={v}"],
+          "flops": linear(d, v), "bytes_accessed": linear(d, v) / 100,
+          "collective_bytes": {"all-reduce": int(linear(d, v) / 1000)}}) + "\n")
+  bench.main(["--size", "3b", "--stage", "sft", "--out", str(out)])
+  text = capsys.readouterr().out
+  exp = cli.load_experiment("mm15", ["size=3b"], sets)
+  model = stage_lib.stage_model_config(exp.model, exp.stages[2], exp.model.decoder.vocab_size)
+  assert (model.decoder.num_layers, model.vision.depth) == (28, 32)
+  kernels = aot.attention_kernel_flops(model, exp.stages[2], "tpu") / 64
+  assert kernels > 0
+  assert f"{linear(28, 32) + kernels:.3e} FLOPs ({linear(28, 32):.3e} XLA + {kernels:.3e} in attention" in text
+  assert f"= {linear(28, 32) / 100:.3e} B / " in text and "ESTIMATE on v5p" in text

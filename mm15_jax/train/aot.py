@@ -171,11 +171,11 @@ def compile_train_step(exp: Experiment, index: int, topology: str = "cpu", num_s
       model_flops=flops_lib.train_step_flops(model_cfg, batch_size=stage.batch_size, seq_len=stage.data.seq_len,
                                              max_images=stage.data.max_images, tile_size=stage.image_size)
       / len(devices),
-      kernel_flops=_kernel_flops(model_cfg, stage, devices[0].platform) / len(devices))
+      kernel_flops=attention_kernel_flops(model_cfg, stage, devices[0].platform) / len(devices))
   return compiled, report
 
 
-def _kernel_flops(model_cfg, stage, platform: str) -> float:
+def attention_kernel_flops(model_cfg, stage, platform: str) -> float:
   """FLOPs of one step (all devices) that run inside Pallas attention kernels on `platform`, analytic."""
   if attention_lib.resolve(model_cfg.attention, platform) != "splash":
     return 0.0
