@@ -30,11 +30,11 @@ from mm15_jax.data import mixture
 TILE_SLOTS = 28
 
 # Micro-steps per stage (pretrain, ocr, sft) that fit each preset on v5p-128 with the weights sharded over all 64
-# chips (BENCHMARKS section 7). With splash attention (model.attention=auto on TPU) 1B, 3B and 7B fit every stage
-# at once (stage 3: 48.0 / 48.6 / 52.6 GiB; stage 2 has the same shapes); the others keep the settings measured with
-# dense attention, where the 672 px tiles of stages 2 and 3 need half the rows per chip at once (ViT-H activations), 30B
-# and 3B-MoE also halve stage 1, and 3B-MoE's experts need a quarter in stages 2 and 3.
-GRAD_ACCUM = {"1b": (1, 1, 1), "3b": (1, 1, 1), "7b": (1, 1, 1), "30b": (2, 2, 2), "1b-moe": (1, 2, 2),
+# chips (BENCHMARKS section 7). With splash attention (model.attention=auto on TPU) 1B, 3B, 7B and 1B-MoE fit every
+# stage at once (stage 3: 48.0 / 48.6 / 52.6 / 78.7 GiB; stage 2 has the same shapes); 30B and 3B-MoE keep the
+# settings measured with dense attention, where the 672 px tiles of stages 2 and 3 need half the rows per chip at once
+# (ViT-H activations), both also halve stage 1, and 3B-MoE's experts need a quarter in stages 2 and 3.
+GRAD_ACCUM = {"1b": (1, 1, 1), "3b": (1, 1, 1), "7b": (1, 1, 1), "30b": (2, 2, 2), "1b-moe": (1, 1, 1),
               "3b-moe": (2, 4, 4)}
 
 
