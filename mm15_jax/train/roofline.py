@@ -152,15 +152,15 @@ def report_lines(*, device_kind: str, flops: float, hbm_bytes: float, collective
   if chip is None or not (math.isfinite(flops) and math.isfinite(hbm_bytes)):
     return lines + [f"  roofline estimate: no chip figures for {device_kind!r} (TPU kinds: "
                     f"{sorted({c.name for c in CHIPS.values()})})"]
-  e = estimate(chip, flops=flops + kernel_flops, hbm_bytes=hbm_bytes, collective_bytes_total=sum(collectives.values()),
-               model_flops=model_flops)
+  compute_flops, sent = flops + kernel_flops, sum(collectives.values())
+  e = estimate(chip, flops=compute_flops, hbm_bytes=hbm_bytes, collective_bytes_total=sent, model_flops=model_flops)
   return lines + [
       f"  roofline ESTIMATE on {chip.name} (max of compute, HBM, ICI time; not a measurement): "
       f"{e.step_s * 1e3:.1f} ms per step, {e.bound}-bound",
-      f"    compute {e.compute_s * 1e3:.1f} ms = {flops + kernel_flops:.3e} FLOPs"
+      f"    compute {e.compute_s * 1e3:.1f} ms = {compute_flops:.3e} FLOPs"
       + (f" ({flops:.3e} XLA + {kernel_flops:.3e} in attention kernels, analytic)" if kernel_flops else "")
       + f" / {chip.peak_flops:.3g} FLOP/s; "
       f"HBM {e.memory_s * 1e3:.1f} ms = {hbm_bytes:.3e} B / {chip.hbm_bandwidth:.3g} B/s; "
-      f"ICI {e.collective_s * 1e3:.1f} ms = {sum(collectives.values()):.3e} B / {chip.ici_bandwidth:.3g} B/s",
+      f"ICI {e.collective_s * 1e3:.1f} ms = {sent:.3e} B / {chip.ici_bandwidth:.3g} B/s",
       f"    MFU this estimate implies: {100 * e.mfu:.1f}% ({model_flops:.3e} model FLOPs per device per step)",
   ]
