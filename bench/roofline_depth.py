@@ -12,9 +12,7 @@ Each compile appends its `mm15 aot --json` line to --out; lines already there ar
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 from mm15_jax import cli
@@ -22,21 +20,28 @@ from mm15_jax.train import aot, roofline
 from mm15_jax.train import flops as flops_lib
 from mm15_jax.train import stage as stage_lib
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import aot_presets  # noqa: E402  (bench/ is not a package)
+
 DEPTHS = ((2, 2), (4, 2), (2, 4))
 
 
 def _compile(a, decoder_layers: int, vit_depth: int) -> dict:
+  """The `mm15 aot --json` line of the preset at these depths: from --out, else compiled now and appended there."""
   sets = a.set + ["model.scan_layers=false", f"model.decoder.num_layers={decoder_layers}",
                   f"model.vision.depth={vit_depth}"]
-  rows = [json.loads(line) for line in open(a.out)] if os.path.exists(a.out) else []
-  for r in rows:
-    if r["experiment"] == f"mm15-{a.size}" and r["stage"] == a.stage and r["overrides"] == sets:
-      return r
-  cmd = [sys.executable, "-m", "mm15_jax.cli", "aot", "--config", "mm15", "--arg", f"size={a.size}", "--stage",
-         a.stage, "--topology", a.topology, "--json", a.out] + [x for s in sets for x in ("--set", s)]
-  print("$", " ".join(cmd[2:]), flush=True)
-  subprocess.run(cmd, check=True, capture_output=True)
-  return _compile(a, decoder_layers, vit_depth)
+
+  def done():
+    return next((r for r in aot_presets.load(a.out) if r["experiment"] == f"mm15-{a.size}" and r["stage"] == a.stage
+                 and r["overrides"] == sets), None)
+
+  if done() is None:
+    aot_presets.compile_one(a.size, a.stage, a.topology, sets, a.out, a.timeout)
+  row = done()
+  if row is None:
+    raise SystemExit(f"the compile at {decoder_layers} decoder layers and {vit_depth} ViT blocks wrote no line to "
+                     f"{a.out} (its output is above)")
+  return row
 
 
 def main(argv=None):
@@ -47,6 +52,7 @@ def main(argv=None):
   p.add_argument("--set", action="append", default=None,
                  help="config overrides (default: mesh.data=1 mesh.fsdp=-1 stages.sft.grad_accum=1)")
   p.add_argument("--out", default="bench/results/roofline_depth.jsonl")
+  p.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
   a = p.parse_args(argv)
   a.set = a.set or ["mesh.data=1", "mesh.fsdp=-1", "stages.sft.grad_accum=1"]
   base, deeper, wider = (_compile(a, d, v) for d, v in DEPTHS)
@@ -65,8 +71,7 @@ def main(argv=None):
   hbm_bytes = at_depth(lambda r: r["bytes_accessed"])
   collectives = {k: int(at_depth(lambda r: r["collective_bytes"].get(k, 0))) for k in base["collective_bytes"]}
   kernel_flops = aot.attention_kernel_flops(model, stage, "tpu") / n
-  model_flops = flops_lib.train_step_flops(model, batch_size=stage.batch_size, seq_len=stage.data.seq_len,
-                                           max_images=stage.data.max_images, tile_size=stage.image_size) / n
+  model_flops = flops_lib.train_step_flops(model, **flops_lib.stage_shapes(stage)) / n
   print(f"{a.size} {a.stage} on {a.topology}, {d} decoder layers and {v} ViT blocks, extrapolated from unrolled "
         f"compiles at (decoder, ViT) = {DEPTHS}:")
   print("\n".join(roofline.report_lines(device_kind=base["device_kind"], flops=xla_flops, hbm_bytes=hbm_bytes,

@@ -168,9 +168,7 @@ def compile_train_step(exp: Experiment, index: int, topology: str = "cpu", num_s
       hbm_bytes=HBM_BYTES.get(kind), flops=float("nan") if flops is None else float(flops),
       scanned_layers=model_cfg.scan_layers, compile_s=compile_s, out_of_memory=out_of_memory,
       bytes_accessed=float(bytes_accessed), collective_bytes=collectives,
-      model_flops=flops_lib.train_step_flops(model_cfg, batch_size=stage.batch_size, seq_len=stage.data.seq_len,
-                                             max_images=stage.data.max_images, tile_size=stage.image_size)
-      / len(devices),
+      model_flops=flops_lib.train_step_flops(model_cfg, **flops_lib.stage_shapes(stage)) / len(devices),
       kernel_flops=attention_kernel_flops(model_cfg, stage, devices[0].platform) / len(devices))
   return compiled, report
 
@@ -180,8 +178,7 @@ def attention_kernel_flops(model_cfg, stage, platform: str) -> float:
   if attention_lib.resolve(model_cfg.attention, platform) != "splash":
     return 0.0
   from mm15_jax.kernels import splash  # Pallas TPU modules: imported where they apply, as kernels/attention.py does
-  forward = flops_lib.attention_core_forward_flops(model_cfg, batch_size=stage.batch_size, seq_len=stage.data.seq_len,
-                                                   max_images=stage.data.max_images, tile_size=stage.image_size)
+  forward = flops_lib.attention_core_forward_flops(model_cfg, **flops_lib.stage_shapes(stage))
   return forward * splash.train_flops_per_forward(model_cfg.remat)
 
 

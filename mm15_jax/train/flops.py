@@ -101,6 +101,12 @@ def forward_flops(cfg: ModelConfig, *, batch_size: int, seq_len: int, max_images
   return tiles * per_tile + text
 
 
+def stage_shapes(stage) -> dict[str, int]:
+  """A StageConfig's step as the shape keywords of train_step_flops and attention_core_forward_flops."""
+  return dict(batch_size=stage.batch_size, seq_len=stage.data.seq_len, max_images=stage.data.max_images,
+              tile_size=stage.image_size)
+
+
 def train_step_flops(cfg: ModelConfig, *, batch_size: int, seq_len: int, max_images: int, tile_size: int,
                      causal_attention: bool = True) -> int:
   """Forward + backward = 3 x forward, for the global batch of one optimiser step (all micro-batches)."""

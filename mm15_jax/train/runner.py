@@ -148,8 +148,7 @@ def run_stage(exp: Experiment, index: int, workdir: str, *, log=print, data_host
   meta = {"model": config_lib.to_dict(model_cfg), "stage": config_lib.to_dict(stage), "experiment": exp.name,
           **({"schedule": schedule} if schedule else {})}
 
-  step_flops = flops_lib.train_step_flops(model_cfg, batch_size=stage.batch_size, seq_len=stage.data.seq_len,
-                                          max_images=stage.data.max_images, tile_size=stage.image_size)
+  step_flops = flops_lib.train_step_flops(model_cfg, **flops_lib.stage_shapes(stage))
   peak_tflops = flops_lib.peak_tflops_per_device(jax.devices()[0].device_kind)
   log(f"[{stage.name}] {step_flops / 1e12:.4g} TFLOPs per step (analytic, forward + backward); peak per device "
       f"{f'{peak_tflops:g} TFLOP/s' if peak_tflops else 'unknown (set MM15_PEAK_TFLOPS for MFU)'}")
