@@ -4,6 +4,9 @@
 
 Sized for one v5p-128 slice (v5p:4x4x4, 64 chips of 95 GiB): every preset and stage fits as shipped,
     mm15 aot --config mm15 --arg size=3b-moe --topology v5p:4x4x4
+or, with `--arg slice=v6e-256`, for one v6e-256 slice (v6e:16x16, 256 chips of 32 GiB): one row of 4096 tokens per
+chip in stages 2 and 3, two in stage 1, no gradient accumulation,
+    mm15 aot --config mm15 --arg size=3b --arg slice=v6e-256 --stage sft --topology v6e:16x16
 
 Stage 1: 378px, caption : interleaved : text = 50 : 10 : 40, batch 512, 200k steps.
 Stage 2: 4 OCR sources in equal numbers per batch, static split (4 tiles of 672 + overview), batch 256,
@@ -36,12 +39,18 @@ TILE_SLOTS = 28
 # where the 672 px tiles of stages 2 and 3 need half the rows per chip at once (ViT-H activations), stage 1 as well.
 GRAD_ACCUM = {"1b": (1, 1, 1), "3b": (1, 1, 1), "7b": (1, 1, 1), "30b": (2, 2, 2), "1b-moe": (1, 1, 1),
               "3b-moe": (2, 2, 2)}
+# The slices the recipe is sized for -> micro-steps per stage for each preset (missing: 1 in every stage). On
+# v6e-256 the paper's batch of 256 rows is one row per chip in stages 2 and 3, so there is nothing to accumulate;
+# BENCHMARKS section 7 has the compiles.
+SLICES = {"v5p-128": GRAD_ACCUM, "v6e-256": {}}
 # Expert-parallel mesh axis per MoE preset (the rest of the chips shard the weights, fsdp): each chip holds
 # 64 / EXPERT_AXIS of every MoE layer's experts and tokens reach them by all-to-all. 1B-MoE fits without one.
 EXPERT_AXIS = {"3b-moe": 8}
 
 
-def get_config(data_dir: str = "data", size: str = "3b") -> Experiment:
+def get_config(data_dir: str = "data", size: str = "3b", slice: str = "v5p-128") -> Experiment:
+  if slice not in SLICES:
+    raise ValueError(f"slice={slice!r}: the recipe is sized for {sorted(SLICES)}")
   tok = os.path.join(data_dir, "tokenizer.model")
 
   def data(mix, split, max_images, **kw):
@@ -63,6 +72,7 @@ def get_config(data_dir: str = "data", size: str = "3b") -> Experiment:
       checkpoint_every=1000,
       data=data(mixture.sft_mixture("all"), SplitConfig(mode="dynamic", n_min=4, n_max=9),
                 TILE_SLOTS))
-  stages = [dataclasses.replace(s, grad_accum=n) for s, n in zip([pretrain, ocr, sft], GRAD_ACCUM.get(size, (1,) * 3))]
+  accum = SLICES[slice].get(size, (1, 1, 1))
+  stages = [dataclasses.replace(s, grad_accum=n) for s, n in zip([pretrain, ocr, sft], accum)]
   return Experiment(name=f"mm15-{size}", model=presets.get(size), stages=stages,
                     mesh=MeshConfig(data=1, fsdp=-1, expert=EXPERT_AXIS.get(size, 1)))

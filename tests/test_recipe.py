@@ -48,3 +48,18 @@ def test_continual_pretraining_and_sft_schedule(stages, name):
   assert float(lr(warmup)) == pytest.approx(1e-5)
   assert float(lr(warmup + (s.steps - warmup) // 2)) == pytest.approx(0.5e-5, rel=1e-3)  # cosine midpoint
   assert float(lr(s.steps)) == 0.0
+
+
+@pytest.mark.parametrize("slice_name,chips", [("v5p-128", 64), ("v6e-256", 256)])
+def test_every_preset_steps_whole_rows_on_every_chip_of_its_slice(slice_name, chips):
+  """Each micro-step's rows divide over the slice's chips (the batch axes span them all): on v6e-256 stages 2 and
+  3 hold one row per chip, so v5p-128's grad_accum 2 would leave half the chips without a row."""
+  from mm15_jax import sharding
+  for size in mm15.SLICES["v5p-128"]:
+    exp = mm15.get_config(size=size, slice=slice_name)
+    assert sharding.mesh_shape(exp.mesh, chips)["tensor"] == 1, size  # every chip on a batch axis
+    for s in exp.stages:
+      rows_per_chip = s.batch_size / s.grad_accum / chips
+      assert rows_per_chip >= 1 and rows_per_chip == int(rows_per_chip), (size, s.name, s.grad_accum)
+  with pytest.raises(ValueError, match=r"slice='v4': the recipe is sized for \['v5p-128', 'v6e-256'\]"):
+    mm15.get_config(slice="v4")
