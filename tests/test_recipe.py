@@ -1,6 +1,7 @@
 """configs/mm15.py holds the paper's stage settings (MM1.5, arXiv 2409.20566, section 3 and appendix A)."""
 import pytest
 
+from mm15_jax import sharding
 from mm15_jax.configs import mm15
 from mm15_jax.data import mixture
 from mm15_jax.train import optim
@@ -54,7 +55,6 @@ def test_continual_pretraining_and_sft_schedule(stages, name):
 def test_every_preset_steps_whole_rows_on_every_chip_of_its_slice(slice_name, chips):
   """Each micro-step's rows divide over the slice's chips (the batch axes span them all): on v6e-256 stages 2 and
   3 hold one row per chip, so v5p-128's grad_accum 2 would leave half the chips without a row."""
-  from mm15_jax import sharding
   for size in mm15.SLICES["v5p-128"]:
     exp = mm15.get_config(size=size, slice=slice_name)
     assert sharding.mesh_shape(exp.mesh, chips)["tensor"] == 1, size  # every chip on a batch axis
