@@ -35,9 +35,9 @@ TILE_SLOTS = 28
 # Micro-steps per stage (pretrain, ocr, sft) that fit each preset on v5p-128 (BENCHMARKS section 7). With splash
 # attention (model.attention=auto on TPU) 1B, 3B, 7B and 1B-MoE fit every stage at once (stage 3: 48.0 / 48.6 / 52.6
 # / 78.7 GiB; stage 2 has the same shapes); 3B-MoE, its 64 experts spread over an expert axis of 8 (EXPERT_AXIS),
-# fits every stage at 2 (stage 1: 65.9 GiB, stage 3: 69.5 GiB). 30B keeps the setting measured with dense attention,
-# where the 672 px tiles of stages 2 and 3 need half the rows per chip at once (ViT-H activations), stage 1 as well.
-GRAD_ACCUM = {"1b": (1, 1, 1), "3b": (1, 1, 1), "7b": (1, 1, 1), "30b": (2, 2, 2), "1b-moe": (1, 1, 1),
+# fits every stage at 2 (stage 1: 65.9 GiB, stage 3: 69.5 GiB). 30B fits stage 1 at 1 (70.3 GiB); in stages 2 and 3
+# the 672 px tiles' ViT-H activations need half the rows per chip at once (81.9 GiB at 1, over the 80 GiB aim).
+GRAD_ACCUM = {"1b": (1, 1, 1), "3b": (1, 1, 1), "7b": (1, 1, 1), "30b": (1, 2, 2), "1b-moe": (1, 1, 1),
               "3b-moe": (2, 2, 2)}
 # The slices the recipe is sized for -> micro-steps per stage for each preset (missing: 1 in every stage). On
 # v6e-256 the paper's batch of 256 rows is one row per chip in stages 2 and 3, so there is nothing to accumulate;
