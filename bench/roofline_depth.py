@@ -50,11 +50,11 @@ def main(argv=None):
   p.add_argument("--stage", default="sft")
   p.add_argument("--topology", default="v5p:4x4x4")
   p.add_argument("--set", action="append", default=None,
-                 help="config overrides (default: mesh.data=1 mesh.fsdp=-1 stages.sft.grad_accum=1)")
+                 help="config overrides (default: mesh.data=1 mesh.fsdp=-1 stages.STAGE.grad_accum=1)")
   p.add_argument("--out", default="bench/results/roofline_depth.jsonl")
   p.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
   a = p.parse_args(argv)
-  a.set = a.set or ["mesh.data=1", "mesh.fsdp=-1", "stages.sft.grad_accum=1"]
+  a.set = a.set or ["mesh.data=1", "mesh.fsdp=-1", f"stages.{a.stage}.grad_accum=1"]
   base, deeper, wider = (_compile(a, d, v) for d, v in DEPTHS)
   exp = cli.load_experiment("mm15", [f"size={a.size}"], a.set)
   index = [s.name for s in exp.stages].index(a.stage)
