@@ -138,7 +138,6 @@ def test_vit_model_config_carries_the_kernel():
     vit.VisionTransformer(dataclasses.replace(cfg), attention="flash", rngs=nnx.Rngs(0))
 
 
-
 def _subjaxprs(params: dict):
   for value in params.values():
     for item in value if isinstance(value, (tuple, list)) else [value]:
